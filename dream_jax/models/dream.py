@@ -1,0 +1,163 @@
+"""DREAM: one MAR encoder shared by a CLIP-style contrastive branch and a MAR/FLUID
+text-to-image decoder with a per-token diffusion head.
+
+Methods (call through `model.apply(variables, ..., method=...)`); training,
+sampling, SAD and the evals all use these and nothing else:
+  encode_image(tokens, positions, valid)      -> (features, valid_with_buffer)
+  image_embed(features, valid_with_buffer)    -> L2-normalised [B, embed_dim]
+  text_embed(clip_tokens)                     -> L2-normalised [B, embed_dim]
+  align_text(gen_text)                        -> decoder context [B, L, width]
+  decode(features, positions, valid, ctx)     -> z [B, N, width]
+  head(x_t, t, z)                             -> diffusion head output [.., 2C]
+  __call__(...)                               -> (loss, metrics) for training
+"""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from dream_jax.diffusion.gaussian import make_diffusion
+from dream_jax.models import layers
+from dream_jax.models.diffloss import DiffusionHead
+from dream_jax.models.mar import MARDecoder, MAREncoder, masked_mean
+from dream_jax.models.sizes import DreamArch
+from dream_jax.models.text import CLIPTextTower, GenTextAligner
+from dream_jax.objectives.contrastive import clip_loss, l2_normalize
+
+
+class ContrastiveHead(nn.Module):
+    """d → hidden, BN, ReLU, hidden → hidden, BN, ReLU, hidden → embed_dim.
+
+    BatchNorm reduces over the batch axis of a global (sharded) array, so under
+    jit its statistics span the global batch with no explicit collective.
+    """
+
+    hidden: int
+    embed_dim: int
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, pooled, train: bool):
+        x = pooled
+        for i in range(2):
+            x = layers.dense(self.hidden, "embed", "mlp", use_bias=False, dtype=self.dtype,
+                             name=f"fc{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=jnp.float32,
+                             scale_init=layers.named(layers.ones, "mlp"),
+                             bias_init=layers.named(layers.zeros, "mlp"), name=f"bn{i}")(x)
+            x = nn.relu(x)
+        return layers.dense(self.embed_dim, "mlp", None, dtype=self.dtype, name="out")(x)
+
+
+class DreamModel(nn.Module):
+    arch: DreamArch
+    gen_weight: float = 1.0
+    clip_weight: float = 0.005
+
+    def setup(self):
+        a = self.arch
+        dt = jnp.dtype(a.dtype)
+        self.encoder = MAREncoder(a.width, a.depth, a.num_heads, a.mlp_dim, a.seq_len, a.buffer_size,
+                                  a.dropout, a.remat, dt)
+        self.decoder = MARDecoder(a.width, a.depth, a.num_heads, a.mlp_dim, a.seq_len, a.buffer_size,
+                                  a.dropout, a.remat, dt)
+        self.aligner = GenTextAligner(a.gen_text, a.gen_feature_dim, a.gen_max_length, a.width,
+                                      a.aligner_depth, a.num_heads, a.mlp_dim, a.gen_vocab_size,
+                                      a.dropout, dt)
+        self.text_tower = CLIPTextTower(a.vocab_size, a.context_length, a.text_width, a.text_depth,
+                                        a.text_heads, a.embed_dim, a.eot_id, dt)
+        self.diffusion_head = DiffusionHead(in_channels=a.token_dim, width=a.head_width,
+                                            depth=a.head_depth, out_channels=2 * a.token_dim, dtype=dt)
+        self.contrastive_head = ContrastiveHead(a.contrastive_hidden, a.embed_dim, a.dtype)
+        self.logit_scale = self.param("logit_scale", layers.named(nn.initializers.constant(jnp.log(1 / 0.07))), ())
+        self.diffusion = make_diffusion(a.diffusion_steps, a.noise_schedule)
+
+    # ---- the shared encoder and the contrastive branch ------------------------------------
+    def encode_image(self, tokens, positions, valid, deterministic=True):
+        return self.encoder(tokens, positions, valid, deterministic)
+
+    def image_embed(self, features, valid_with_buffer, train=False):
+        """Mean over buffer + visible tokens → BN-MLP head → unit vector."""
+        pooled = masked_mean(features, valid_with_buffer)
+        return l2_normalize(self.contrastive_head(pooled, train))
+
+    def text_embed(self, clip_tokens):
+        return l2_normalize(self.text_tower(clip_tokens))
+
+    def embed_image_tokens(self, tokens, visible):
+        """Image embedding of the visible tokens of full-length token maps [B, N, C] (eval mode)."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape[:2])
+        features, valid_all = self.encode_image(tokens, positions, visible)
+        return self.image_embed(features, valid_all, train=False)
+
+    # ---- the generative branch ------------------------------------------------------------
+    def align_text(self, gen_text, deterministic=True):
+        return self.aligner(gen_text, deterministic)
+
+    def decode(self, features, positions, valid, text_ctx, deterministic=True):
+        return self.decoder(features, positions, valid, text_ctx, deterministic)
+
+    def head(self, x_t, t, z):
+        return self.diffusion_head(x_t, t, z)
+
+    def diffusion_loss(self, z, target, weights):
+        """Hybrid diffusion loss per token, averaged over tokens with weight > 0.
+
+        z [B, N, D] conditions, target [B, N, C] clean tokens, weights [B, N] (masked and
+        gen-active). Each (z, x) pair is repeated `diffusion_batch_mul` times with its own
+        timestep and noise.
+        """
+        mul = self.arch.diffusion_batch_mul
+        b, n, c = target.shape
+        z_rep = jnp.tile(z.reshape(b * n, -1), (mul, 1))
+        x_rep = jnp.tile(target.reshape(b * n, c), (mul, 1)).astype(jnp.float32)
+        key_t, key_noise = jax.random.split(self.make_rng("diffusion"))
+        t = jax.random.randint(key_t, (mul * b * n,), 0, self.diffusion.num_timesteps)
+        noise = jax.random.normal(key_noise, x_rep.shape, jnp.float32)
+        per_token, _ = self.diffusion.training_losses(lambda x_t, tt: self.head(x_t, tt, z_rep),
+                                                      x_rep, t, noise)
+        per_token = per_token.reshape(mul, b, n).mean(0)
+        w = weights.astype(jnp.float32)
+        return (per_token * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+    # ---- training ------------------------------------------------------------------------
+    def __call__(self, image_tokens, clip_tokens, gen_text, masked, gen_active, clip_valid,
+                 train=True):
+        """One forward pass on ONE masked view feeding both losses.
+
+        image_tokens [B, N, C]; masked [B, N] bool (True = hidden from the encoder);
+        gen_active / clip_valid [B] bool from the per-group gating.
+        Returns (total_loss, metrics).
+        """
+        deterministic = not train
+        positions = jnp.broadcast_to(jnp.arange(image_tokens.shape[1]), masked.shape)
+        visible = jnp.logical_not(masked)
+        features, valid_all = self.encode_image(image_tokens, positions, visible, deterministic)
+        metrics = {}
+        total = jnp.zeros((), jnp.float32)
+        if self.gen_weight:
+            ctx = self.align_text(gen_text, deterministic)
+            z = self.decode(features, positions, visible, ctx, deterministic)
+            weights = masked & gen_active[:, None]
+            gen = self.diffusion_loss(z, image_tokens, weights)
+            total = total + self.gen_weight * gen
+            metrics["gen_loss"] = gen
+        if self.clip_weight:
+            img = self.image_embed(features, valid_all, train=train)
+            txt = self.text_embed(clip_tokens)
+            clip, clip_metrics = clip_loss(img, txt, self.logit_scale, clip_valid)
+            total = total + self.clip_weight * clip
+            metrics["clip_loss"] = clip
+            metrics.update({f"clip_{k}": v for k, v in clip_metrics.items()})
+        metrics["logit_scale"] = jnp.exp(self.logit_scale)
+        return total, metrics
+
+    def init_all(self, image_tokens, clip_tokens, gen_text):
+        """Touch every submodule once (used only by init, whatever the loss weights)."""
+        positions = jnp.broadcast_to(jnp.arange(image_tokens.shape[1]), image_tokens.shape[:2])
+        visible = jnp.ones(image_tokens.shape[:2], bool)
+        features, valid_all = self.encode_image(image_tokens, positions, visible)
+        z = self.decode(features, positions, visible, self.align_text(gen_text))
+        b, n, c = image_tokens.shape
+        out = self.head(image_tokens.reshape(b * n, c), jnp.zeros((b * n,), jnp.int32), z.reshape(b * n, -1))
+        return out, self.image_embed(features, valid_all, train=True), self.text_embed(clip_tokens), self.logit_scale

@@ -1,0 +1,178 @@
+"""Transformer building blocks shared by the encoder, decoder, aligner and text tower.
+
+Every parameter carries logical axis names (see dream_jax/parallel/rules.py for
+how they map onto the ('data', 'fsdp', 'tensor') mesh):
+  embed  - model width        heads - attention heads     kv   - head dim
+  mlp    - MLP hidden width   vocab - token vocabulary    pos  - sequence positions
+  token_dim - input token channels
+"""
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+normal02 = nn.initializers.normal(stddev=0.02)
+
+
+def named(init: Callable, *names: Optional[str]) -> Callable:
+    """Shorthand for a parameter initializer with logical axis names."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def dense(features, in_name, out_name, *, use_bias=True, dtype=jnp.float32, name=None,
+          kernel_init=xavier):
+    """A Dense layer whose kernel is named (in_name, out_name)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=named(kernel_init, in_name, out_name),
+        bias_init=named(zeros, out_name),
+        name=name,
+    )
+
+
+def layer_norm(eps: float, dtype=jnp.float32, name=None, affine=True):
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        use_bias=affine,
+        use_scale=affine,
+        scale_init=named(ones, "embed"),
+        bias_init=named(zeros, "embed"),
+        name=name,
+    )
+
+
+def learned_positions(module: nn.Module, name: str, length: int, width: int):
+    """A learned [1, length, width] position table, N(0, 0.02) as in MAE/MAR."""
+    return module.param(name, named(normal02, None, "pos", "embed"), (1, length, width))
+
+
+def _xavier_heads(key, shape, dtype=jnp.float32):
+    """Xavier-uniform for a [in, heads, head_dim] kernel seen as [in, heads*head_dim].
+
+    This equals PyTorch's init of the fused Linear that the reference uses, so the
+    split-heads layout changes nothing about the initial distribution.
+    """
+    fan_in, fan_out = shape[0], shape[1] * shape[2]
+    limit = jnp.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
+def _xavier_out(key, shape, dtype=jnp.float32):
+    """Xavier-uniform for a [heads, head_dim, out] kernel seen as [heads*head_dim, out]."""
+    fan_in, fan_out = shape[0] * shape[1], shape[2]
+    limit = jnp.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a boolean mask [B, 1|H, Q, K] (True = may attend).
+
+    Softmax runs in float32 whatever the compute dtype. Masked logits are
+    replaced (not added to), so a fully masked row cannot produce NaN.
+    """
+
+    num_heads: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, mask=None, deterministic=True):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
+        head_dim = width // self.num_heads
+        context = x if context is None else context
+
+        def proj(name, inp):
+            kernel = self.param(f"{name}_kernel", named(_xavier_heads, "embed", "heads", "kv"),
+                                (width, self.num_heads, head_dim))
+            bias = self.param(f"{name}_bias", named(zeros, "heads", "kv"), (self.num_heads, head_dim))
+            return jnp.einsum("bld,dhk->blhk", inp.astype(self.dtype), kernel.astype(self.dtype)) + \
+                bias.astype(self.dtype)
+
+        q = proj("query", x)
+        k = proj("key", context)
+        v = proj("value", context)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+        logits = logits * (head_dim ** -0.5)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = nn.Dropout(self.dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        out_kernel = self.param("out_kernel", named(_xavier_out, "heads", "kv", "embed"),
+                                (self.num_heads, head_dim, width))
+        out_bias = self.param("out_bias", named(zeros, "embed"), (width,))
+        out = jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(self.dtype)) + out_bias.astype(self.dtype)
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        width = x.shape[-1]
+        h = dense(self.hidden, "embed", "mlp", dtype=self.dtype, name="fc1")(x)
+        h = nn.gelu(h, approximate=False)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = dense(width, "mlp", "embed", dtype=self.dtype, name="fc2")(h)
+        return nn.Dropout(self.dropout)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention, MLP."""
+
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = False
+    dropout: float = 0.0
+    ln_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, context=None, context_mask=None, deterministic=True):
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        h = layer_norm(self.ln_eps, self.dtype, name="norm1")(x)
+        x = x + Attention(self.num_heads, self.dropout, self.dtype, name="attn")(
+            h, mask=mask, deterministic=deterministic)
+        if self.cross_attention:
+            h = layer_norm(self.ln_eps, self.dtype, name="norm_cross")(x)
+            x = x + Attention(self.num_heads, self.dropout, self.dtype, name="cross_attn")(
+                h, context=context, mask=context_mask, deterministic=deterministic)
+        h = layer_norm(self.ln_eps, self.dtype, name="norm2")(x)
+        x = x + Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(h, deterministic)
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+
+class Stack(nn.Module):
+    """`depth` Blocks; `remat` recomputes each block's activations in the backward pass."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool = False
+    dropout: float = 0.0
+    ln_eps: float = 1e-6
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, context=None, context_mask=None, deterministic=True):
+        block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
+        for i in range(self.depth):
+            x = block_cls(self.num_heads, self.mlp_dim, self.cross_attention, self.dropout,
+                          self.ln_eps, self.dtype, name=f"block_{i}")(
+                x, mask, context, context_mask, deterministic)
+        return x
