@@ -102,7 +102,7 @@ class MARDecoder(nn.Module):
         """
         batch = encoded.shape[0]
         total = self.buffer_size + self.seq_len
-        x = layers.dense(self.width, "embed", "embed", dtype=self.dtype, name="embed_proj")(encoded)
+        x = layers.dense(self.width, "embed", "mlp", dtype=self.dtype, name="embed_proj")(encoded)
         mask_token = self.param("mask_token", layers.named(layers.normal02, None, "embed"),
                                 (1, self.width)).astype(self.dtype)
         # Scatter the visible tokens onto a canvas of mask tokens. Invalid entries are sent

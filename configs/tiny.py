@@ -1,0 +1,69 @@
+"""The embedded default: DREAM on the procedural synthetic world, on a laptop CPU.
+
+    python -m dream_jax.main --config=configs/tiny.py --workdir=workdirs/tiny
+
+No downloads: images (32×32) and captions are generated from their index, the
+caption tokenizer is trained in the workdir at start-up. Re-running the same
+command resumes from the last checkpoint.
+
+Expected result (measured on a 2-core CPU, see README): filled in below.
+"""
+import ml_collections
+
+from dream_jax.objectives.masking import masking_config
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 2000
+    c.batch_size = 64
+    c.num_mask_groups = 8
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "tiny"
+    c.model.gen_weight = 1.0
+    c.model.clip_weight = 0.005
+    # Architecture fields that override the size table (see models/sizes.py).
+    c.model.overrides = ml_collections.ConfigDict({"gen_feature_dim": 128})
+
+    c.tokenizer = ml_collections.ConfigDict(dict(kind="patch", patch_size=4))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"
+    c.data.image_size = 32
+    c.data.world_seed = 0
+    c.data.num_train = 1_000_000
+    c.data.num_heldout = 2048
+    c.data.text_vocab_size = 512
+    c.data.clip_context = 32
+    c.data.gen_context = 32
+    c.data.caption_dropout = 0.1
+    c.data.worker_count = 0
+
+    c.masking = masking_config("warmup")
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 200
+    c.optim.schedule = "cosine"     # 'constant' (paper) or 'cosine'
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.weight_decay = 0.04
+    c.optim.grad_clip = 3.0
+    c.optim.ema_decay = 0.995
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=()))
+
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 1000
+    c.eval.num_examples = 256
+    c.eval.use_ema = True
+    c.eval.batch_size = 128
+    c.eval.gen_loss_ratio = 0.7     # fixed masking ratio for the held-out generative loss
+    c.eval.num_samples = 0          # sample-grid images per eval (0 = none)
+    return c

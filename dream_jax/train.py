@@ -1,0 +1,378 @@
+"""The DREAM trainer: config check → mesh → data → state → step → checkpoint → eval → loop.
+
+    python -m dream_jax.main --config=configs/tiny.py --workdir=workdirs/tiny
+
+Running the same command on the same workdir resumes from the last complete
+checkpoint (state, optimizer, EMA, batch stats, RNG and data-iterator position),
+and the resumed run is bitwise the run that was never interrupted.
+"""
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dream_jax import checkpoint as ckpt_lib
+from dream_jax import metrics as metrics_lib
+from dream_jax.data import pipeline, synthetic
+from dream_jax.data.tokenizers import get_or_train_synthetic_tokenizer
+from dream_jax.evals import zero_shot
+from dream_jax.models.build import build_model
+from dream_jax.models.dream import DreamModel
+from dream_jax.models.sizes import SIZES
+from dream_jax.models.vae import make_image_tokenizer
+from dream_jax.objectives import masking
+from dream_jax.parallel import mesh as mesh_lib
+
+
+# =============================================================================================
+# Config check: everything that can be wrong is reported before anything compiles.
+# =============================================================================================
+def validate_config(cfg, num_devices: int) -> None:
+    def fail(field, value, why):
+        raise ValueError(f"config.{field}={value!r}: {why}")
+
+    if cfg.model.size not in SIZES:
+        fail("model.size", cfg.model.size, f"unknown size; choose one of {sorted(SIZES)}")
+    if cfg.optim.lr <= 0:
+        fail("optim.lr", cfg.optim.lr, "the learning rate must be positive")
+    if cfg.optim.warmup_steps < 0:
+        fail("optim.warmup_steps", cfg.optim.warmup_steps, "must be >= 0")
+    if cfg.optim.schedule not in ("constant", "cosine"):
+        fail("optim.schedule", cfg.optim.schedule, "must be 'constant' or 'cosine'")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        fail("optim.ema_decay", cfg.optim.ema_decay, "must be in [0, 1)")
+    if cfg.total_steps <= 0:
+        fail("total_steps", cfg.total_steps, "must be positive")
+    if cfg.batch_size <= 0:
+        fail("batch_size", cfg.batch_size, "must be positive")
+    if cfg.batch_size % cfg.num_mask_groups:
+        fail("batch_size", cfg.batch_size, f"not divisible by num_mask_groups={cfg.num_mask_groups}")
+    parallel = mesh_lib.mesh_shape(cfg.mesh, num_devices)
+    batch_shards = parallel[0] * parallel[1]
+    if cfg.batch_size % batch_shards:
+        fail("batch_size", cfg.batch_size, f"not divisible by the {batch_shards} data×fsdp shards")
+    if cfg.batch_size % jax.process_count():
+        fail("batch_size", cfg.batch_size, f"not divisible by {jax.process_count()} processes")
+    for name in ("low", "high", "centre_start", "centre_end", "ratio", "mean"):
+        value = cfg.masking.get(name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            fail(f"masking.{name}", value, "must lie in [0, 1]")
+    if cfg.masking.kind not in masking.KIND_DEFAULTS:
+        fail("masking.kind", cfg.masking.kind, f"choose one of {sorted(masking.KIND_DEFAULTS)}")
+    if not 0.0 <= cfg.data.caption_dropout < 1.0:
+        fail("data.caption_dropout", cfg.data.caption_dropout, "must be in [0, 1)")
+    if cfg.data.source == "synthetic":
+        if not 16 <= cfg.data.image_size <= 256:
+            fail("data.image_size", cfg.data.image_size, "the synthetic world draws 16..256 px")
+    elif cfg.data.source == "arrayrecord":
+        path = cfg.data.get("path")
+        if not path or not os.path.exists(path):
+            fail("data.path", path, "no ArrayRecord data there")
+    else:
+        fail("data.source", cfg.data.source, "unknown data source")
+    if cfg.eval.every > 0 and cfg.eval.num_examples % cfg.eval.batch_size:
+        fail("eval.num_examples", cfg.eval.num_examples, f"not divisible by eval.batch_size={cfg.eval.batch_size}")
+
+
+# =============================================================================================
+# State: a pytree; every leaf sharded by its logical axis names.
+# =============================================================================================
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array          # raw uint32 key data: saved and restored like any array
+
+
+def learning_rate_schedule(cfg):
+    o = cfg.optim
+    if o.schedule == "constant":
+        after = optax.constant_schedule(o.lr)
+    else:
+        after = optax.cosine_decay_schedule(o.lr, max(cfg.total_steps - o.warmup_steps, 1))
+    warm = optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1))
+    return optax.join_schedules([warm, after], [o.warmup_steps])
+
+
+def weight_decay_mask(params):
+    """Decay matrices only: no biases, norms or other 1-D/0-D params, nothing in the diffusion head."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict(
+        {k: (jnp.ndim(v) >= 2 and k[0] != "diffusion_head") for k, v in flat.items()})
+
+
+def make_optimizer(cfg):
+    o = cfg.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.grad_clip),
+        optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                    mask=weight_decay_mask),
+    )
+
+
+def dummy_inputs(model: DreamModel, batch: int):
+    a = model.arch
+    return (jnp.zeros((batch, a.seq_len, a.token_dim), jnp.float32),
+            jnp.zeros((batch, a.context_length), jnp.int32),
+            jnp.zeros((batch, a.gen_max_length), jnp.int32))
+
+
+def create_state(model, tx, seed: int):
+    """The train state with boxed (logically named) params, for eval_shape and init."""
+    rng = jax.random.PRNGKey(seed)
+    init_rng, train_rng = jax.random.split(rng)
+    variables = model.init({"params": init_rng}, *dummy_inputs(model, 2), method=DreamModel.init_all)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=train_rng)
+
+
+def strip_boxes(tree):
+    """Replace logical-partitioning boxes by their values (no sharding constraint applied)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def state_shardings(model, tx, seed, mesh, rules):
+    """(mesh shardings, abstract unboxed state) of the train state."""
+    abstract = jax.eval_shape(functools.partial(create_state, model, tx, seed))
+    logical = nn.get_partition_spec(abstract)
+    return nn.logical_to_mesh_sharding(logical, mesh, rules), strip_boxes(abstract)
+
+
+# =============================================================================================
+# Step: masking and gating, one forward pass feeding both losses, AdamW, EMA.
+# =============================================================================================
+def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_tokens):
+    seq_len = model.arch.seq_len
+    groups = cfg.num_mask_groups
+    ema_decay = cfg.optim.ema_decay
+    lr_fn = learning_rate_schedule(cfg)
+
+    def train_step(state: TrainState, batch):
+        batch_size = batch["image"].shape[0]
+        key = jax.random.fold_in(state.rng, state.step)
+        k_ratio, k_order, k_drop, k_diff, k_dropout = jax.random.split(key, 5)
+        progress = state.step.astype(jnp.float32) / cfg.total_steps
+        ratios = masking.mask_ratios_for_step(k_ratio, cfg.masking, progress, groups)
+        per_example = masking.expand_groups(ratios, batch_size)
+        orders = masking.random_orders(k_order, batch_size, seq_len)
+        masked = masking.mask_from_orders(orders, masking.num_masked(per_example, seq_len))
+        gen_on = masking.gen_active(per_example)
+        clip_on = masking.clip_active(per_example)
+        gen_text, _ = masking.drop_captions(k_drop, batch["gen_tokens"], empty_gen_tokens,
+                                            cfg.data.caption_dropout)
+        tokens = image_tokenizer.encode(batch["image"])
+
+        def loss_fn(params):
+            (loss, metrics), updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                tokens, batch["clip_tokens"], gen_text, masked, gen_on, clip_on, train=True,
+                rngs={"diffusion": k_diff, "dropout": k_dropout}, mutable=["batch_stats"])
+            return loss, (metrics, updates["batch_stats"])
+
+        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step),
+                       mask_ratio_mean=ratios.mean(), mask_ratio_min=ratios.min(),
+                       mask_ratio_max=ratios.max(),
+                       frac_groups_gen=masking.gen_active(ratios).mean(),
+                       frac_groups_clip=masking.clip_active(ratios).mean())
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+# =============================================================================================
+# Eval: zero-shot retrieval and attribute classification, held-out generative loss.
+# =============================================================================================
+class Evaluator:
+    """Held-out evaluation with the model's own methods; inputs prepared once."""
+
+    def __init__(self, cfg, model, text_tokenizer, image_tokenizer, mesh):
+        self.cfg, self.model, self.mesh = cfg, model, mesh
+        self.data = pipeline.heldout_examples(cfg, text_tokenizer, cfg.eval.num_examples)
+        self.tokens = np.asarray(image_tokenizer.encode(jnp.asarray(self.data["image"])))
+        self.prompts = {}
+        for attribute in ("colour", "shape"):
+            per_class = synthetic.zero_shot_prompts(attribute)
+            self.prompts[attribute] = [text_tokenizer.encode_batch(p, cfg.data.clip_context)
+                                       for p in per_class]
+        seq_len = model.arch.seq_len
+        n = cfg.eval.batch_size
+        rng = jax.random.PRNGKey(1234)  # fixed: the held-out generative loss is comparable over time
+        ratio = jnp.full((n,), cfg.eval.gen_loss_ratio)
+        orders = masking.random_orders(rng, n, seq_len)
+        self.gen_masked = masking.mask_from_orders(orders, masking.num_masked(ratio, seq_len))
+
+        @jax.jit
+        def image_embed(variables, tokens):
+            visible = jnp.ones(tokens.shape[:2], bool)
+            return model.apply(variables, tokens, visible, method=DreamModel.embed_image_tokens)
+
+        @jax.jit
+        def text_embed(variables, clip_tokens):
+            return model.apply(variables, clip_tokens, method=DreamModel.text_embed)
+
+        @jax.jit
+        def gen_loss(variables, tokens, gen_tokens, masked):
+            on = jnp.ones((tokens.shape[0],), bool)
+            _, metrics = model.apply(variables, tokens, jnp.zeros((tokens.shape[0], model.arch.context_length), jnp.int32),
+                                     gen_tokens, masked, on, on, train=False,
+                                     rngs={"diffusion": jax.random.PRNGKey(99)})
+            return metrics["gen_loss"]
+
+        self._image_embed, self._text_embed, self._gen_loss = image_embed, text_embed, gen_loss
+
+    def _batched(self, fn, variables, *arrays):
+        n, bs = arrays[0].shape[0], self.cfg.eval.batch_size
+        outs = [fn(variables, *(a[i:i + bs] for a in arrays)) for i in range(0, n, bs)]
+        return outs
+
+    def __call__(self, state: TrainState) -> dict:
+        params = state.ema_params if self.cfg.eval.use_ema else state.params
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        results = {}
+        with jax.set_mesh(self.mesh):
+            if self.model.clip_weight:
+                img = np.concatenate(self._batched(self._image_embed, variables, self.tokens))
+                txt = np.concatenate(self._batched(self._text_embed, variables, self.data["clip_tokens"]))
+                results.update({f"eval/{k}": v for k, v in zero_shot.retrieval_metrics(img, txt).items()})
+                for attribute, prompt_tokens in self.prompts.items():
+                    cls = zero_shot.class_embeddings(
+                        [np.asarray(self._text_embed(variables, p)) for p in prompt_tokens])
+                    results[f"eval/zero_shot_{attribute}_acc"] = zero_shot.zero_shot_accuracy(
+                        img, cls, self.data["labels"][attribute])
+            if self.model.gen_weight:
+                bs = self.cfg.eval.batch_size
+                losses = [self._gen_loss(variables, self.tokens[i:i + bs], self.data["gen_tokens"][i:i + bs],
+                                         self.gen_masked) for i in range(0, self.tokens.shape[0], bs)]
+                results["eval/gen_loss"] = float(np.mean([float(x) for x in losses]))
+        return results
+
+
+# =============================================================================================
+# Loop.
+# =============================================================================================
+def _fetch(metrics_list):
+    """Device metrics of several steps → host means (one transfer)."""
+    host = jax.device_get(metrics_list)
+    keys = host[0].keys()
+    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in keys}, host
+
+
+def _check_finite(host_metrics, first_step):
+    for i, m in enumerate(host_metrics):
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss {m['loss']} at step {first_step + i}; training stopped, the last "
+                f"saved checkpoint is left intact (lower optim.lr or check the data)")
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains until cfg.total_steps (or cfg.stop_at_step); returns the last logged metrics."""
+    validate_config(cfg, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # ---- mesh -----------------------------------------------------------------------------
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    rules = mesh_lib.logical_rules(cfg.mesh)
+
+    # ---- data -----------------------------------------------------------------------------
+    text_tokenizer = get_or_train_synthetic_tokenizer(workdir, vocab_size=cfg.data.text_vocab_size)
+    image_tokenizer = make_image_tokenizer(cfg)
+    data_iter = pipeline.make_train_iterator(cfg, text_tokenizer, jax.process_index(), jax.process_count())
+    empty_gen_tokens = jnp.asarray(text_tokenizer.encode_batch([""], cfg.data.gen_context)[0])
+
+    # ---- state ----------------------------------------------------------------------------
+    model = build_model(cfg, text_tokenizer, image_tokenizer)
+    tx = make_optimizer(cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        shardings, abstract = state_shardings(model, tx, cfg.seed, mesh, rules)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+        checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            state = checkpointer.restore(latest, abstract, data_iter)
+            print(f"resumed from step {latest} in {checkpointer.directory}", flush=True)
+        else:
+            init = jax.jit(lambda: strip_boxes(create_state(model, tx, cfg.seed)), out_shardings=shardings)
+            state = init()
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(cfg.to_json_best_effort(indent=2))
+
+        # ---- step -----------------------------------------------------------------------------
+        step_fn = jax.jit(make_train_step(cfg, model, tx, image_tokenizer, empty_gen_tokens),
+                          in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                          out_shardings=(shardings, None), donate_argnums=(0,))
+
+    # ---- eval -----------------------------------------------------------------------------
+    evaluator = Evaluator(cfg, model, text_tokenizer, image_tokenizer, mesh) if cfg.eval.every > 0 else None
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+
+    # ---- loop -----------------------------------------------------------------------------
+    step = int(jax.device_get(state.step))
+    stop = cfg.total_steps if not cfg.get("stop_at_step") else min(cfg.stop_at_step, cfg.total_steps)
+    progress = metrics_lib.Progress(cfg.total_steps, step, cfg.batch_size)
+    pending, pending_first, last = [], step, {}
+    if is_main:
+        print(f"training {cfg.model.size} from step {step} to {stop} on mesh {dict(mesh.shape)}; "
+              f"workdir {workdir}", flush=True)
+    while step < stop:
+        batch = next(data_iter)
+        batch = {k: batch[k] for k in ("image", "clip_tokens", "gen_tokens")}
+        with jax.set_mesh(mesh):
+            state, metrics = step_fn(state, mesh_lib.host_to_global(batch, mesh))
+        step += 1
+        pending.append(metrics)
+        if progress.t0 is None:
+            jax.block_until_ready(metrics)
+            progress.start(step)
+        is_log = step % cfg.log_every == 0 or step == stop
+        is_ckpt = step % cfg.checkpoint_every == 0 or step == stop
+        if is_log or is_ckpt:
+            means, host = _fetch(pending)
+            _check_finite(host, pending_first)
+            pending, pending_first = [], step
+            if is_log:
+                steps_per_s, images_per_s = progress.rates(step)
+                means.update(images_per_s=images_per_s, steps_per_s=steps_per_s)
+                writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                if is_main:
+                    progress.print(step, means, steps_per_s)
+                last = means
+        if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.total_steps):
+            t0 = time.time()
+            results = evaluator(state)
+            writer.write_scalars(step, results)
+            if is_main:
+                print(f"eval at step {step} ({time.time() - t0:.1f}s): "
+                      + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items()), flush=True)
+            last.update(results)
+        if is_ckpt:
+            checkpointer.save(step, state, data_iter, cfg)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    if is_main:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump({"step": step, **last}, f, indent=2)
+    return last
