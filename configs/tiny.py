@@ -16,7 +16,7 @@ from dream_jax.objectives.masking import masking_config
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 2000
+    c.total_steps = 1500
     c.batch_size = 64
     c.num_mask_groups = 8
 
@@ -54,6 +54,8 @@ def get_config(arg=None):
     c.optim.ema_decay = 0.995
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=()))
+
+    c.stop_at_step = 0              # >0: stop there (a preemption drill); resume continues
 
     c.log_every = 50
     c.checkpoint_every = 500

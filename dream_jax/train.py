@@ -231,19 +231,15 @@ class Evaluator:
             return model.apply(variables, clip_tokens, method=DreamModel.text_embed)
 
         @jax.jit
-        def gen_loss(variables, tokens, gen_tokens, masked):
-            on = jnp.ones((tokens.shape[0],), bool)
-            _, metrics = model.apply(variables, tokens, jnp.zeros((tokens.shape[0], model.arch.context_length), jnp.int32),
-                                     gen_tokens, masked, on, on, train=False,
-                                     rngs={"diffusion": jax.random.PRNGKey(99)})
-            return metrics["gen_loss"]
+        def gen_loss(variables, tokens, gen_tokens):
+            return model.apply(variables, tokens, gen_tokens, self.gen_masked, rngs={"diffusion": jax.random.PRNGKey(99)},
+                               method=DreamModel.masked_generation_loss)
 
         self._image_embed, self._text_embed, self._gen_loss = image_embed, text_embed, gen_loss
 
     def _batched(self, fn, variables, *arrays):
         n, bs = arrays[0].shape[0], self.cfg.eval.batch_size
-        outs = [fn(variables, *(a[i:i + bs] for a in arrays)) for i in range(0, n, bs)]
-        return outs
+        return [fn(variables, *(a[i:i + bs] for a in arrays)) for i in range(0, n, bs)]
 
     def __call__(self, state: TrainState) -> dict:
         params = state.ema_params if self.cfg.eval.use_ema else state.params
@@ -260,9 +256,7 @@ class Evaluator:
                     results[f"eval/zero_shot_{attribute}_acc"] = zero_shot.zero_shot_accuracy(
                         img, cls, self.data["labels"][attribute])
             if self.model.gen_weight:
-                bs = self.cfg.eval.batch_size
-                losses = [self._gen_loss(variables, self.tokens[i:i + bs], self.data["gen_tokens"][i:i + bs],
-                                         self.gen_masked) for i in range(0, self.tokens.shape[0], bs)]
+                losses = self._batched(self._gen_loss, variables, self.tokens, self.data["gen_tokens"])
                 results["eval/gen_loss"] = float(np.mean([float(x) for x in losses]))
         return results
 
@@ -336,6 +330,17 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         print(f"training {cfg.model.size} from step {step} to {stop} on mesh {dict(mesh.shape)}; "
               f"workdir {workdir}", flush=True)
+    def run_eval():
+        t0 = time.time()
+        results = evaluator(state)
+        writer.write_scalars(step, results)
+        if is_main:
+            print(f"eval at step {step} ({time.time() - t0:.1f}s): "
+                  + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items()), flush=True)
+        return results
+
+    if evaluator is not None and step == 0:
+        run_eval()  # the starting point, so that progress is measurable
     while step < stop:
         batch = next(data_iter)
         batch = {k: batch[k] for k in ("image", "clip_tokens", "gen_tokens")}
@@ -360,13 +365,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                     progress.print(step, means, steps_per_s)
                 last = means
         if evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.total_steps):
-            t0 = time.time()
-            results = evaluator(state)
-            writer.write_scalars(step, results)
-            if is_main:
-                print(f"eval at step {step} ({time.time() - t0:.1f}s): "
-                      + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items()), flush=True)
-            last.update(results)
+            last.update(run_eval())
         if is_ckpt:
             checkpointer.save(step, state, data_iter, cfg)
     checkpointer.wait()

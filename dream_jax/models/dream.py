@@ -120,6 +120,20 @@ class DreamModel(nn.Module):
         w = weights.astype(jnp.float32)
         return (per_token * w).sum() / jnp.maximum(w.sum(), 1.0)
 
+    def generation_loss(self, features, positions, visible, image_tokens, gen_text, weights,
+                        deterministic=True):
+        """Aligned text → decoder → diffusion loss on the tokens with weight > 0."""
+        ctx = self.align_text(gen_text, deterministic)
+        z = self.decode(features, positions, visible, ctx, deterministic)
+        return self.diffusion_loss(z, image_tokens, weights)
+
+    def masked_generation_loss(self, image_tokens, gen_text, masked):
+        """The generative loss of one masked view (eval mode): what held-out evaluation reports."""
+        positions = jnp.broadcast_to(jnp.arange(image_tokens.shape[1]), masked.shape)
+        visible = jnp.logical_not(masked)
+        features, _ = self.encode_image(image_tokens, positions, visible)
+        return self.generation_loss(features, positions, visible, image_tokens, gen_text, masked)
+
     # ---- training ------------------------------------------------------------------------
     def __call__(self, image_tokens, clip_tokens, gen_text, masked, gen_active, clip_valid,
                  train=True):
@@ -136,10 +150,8 @@ class DreamModel(nn.Module):
         metrics = {}
         total = jnp.zeros((), jnp.float32)
         if self.gen_weight:
-            ctx = self.align_text(gen_text, deterministic)
-            z = self.decode(features, positions, visible, ctx, deterministic)
-            weights = masked & gen_active[:, None]
-            gen = self.diffusion_loss(z, image_tokens, weights)
+            gen = self.generation_loss(features, positions, visible, image_tokens, gen_text,
+                                       masked & gen_active[:, None], deterministic)
             total = total + self.gen_weight * gen
             metrics["gen_loss"] = gen
         if self.clip_weight:

@@ -19,7 +19,7 @@ _PAPER_COMMON = dict(
 
 SIZES = {
     "tiny": dict(width=128, depth=3, num_heads=4, mlp_dim=512, buffer_size=4, aligner_depth=1,
-                 text_width=128, text_depth=2, text_heads=4, head_width=256, head_depth=3,
+                 text_width=128, text_depth=2, text_heads=4, head_width=128, head_depth=3,
                  contrastive_hidden=256, embed_dim=128, dropout=0.0),
     "B": dict(_PAPER_COMMON, width=768, depth=12, num_heads=12, mlp_dim=3072),
     "L": dict(_PAPER_COMMON, width=1024, depth=16, num_heads=16, mlp_dim=4096),

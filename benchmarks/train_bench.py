@@ -1,0 +1,98 @@
+"""Train-step benchmark: step time, images/s, XLA FLOPs per step, fraction of measured matmul peak.
+
+    python benchmarks/train_bench.py                       # tiny (default batch) and B (batch 8)
+    python benchmarks/train_bench.py --sizes=tiny --steps=20
+
+The peak is measured in the same run (a large f32 matmul), so the ratio is
+robust to how fast or busy the machine is.
+"""
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs import tiny
+from dream_jax import train
+from dream_jax.data import pipeline
+from dream_jax.data.tokenizers import train_caption_bpe
+from dream_jax.data.synthetic import SyntheticWorld
+from dream_jax.models.build import build_model
+from dream_jax.models.vae import make_image_tokenizer
+from dream_jax.parallel import mesh as mesh_lib
+
+flags.DEFINE_list("sizes", ["tiny", "B"], "Model sizes to time.")
+flags.DEFINE_integer("steps", 10, "Timed steps per size (after one warm-up step).")
+flags.DEFINE_integer("b_batch", 8, "Batch size for the paper sizes.")
+flags.DEFINE_integer("b_image_size", 64, "Image size for paper sizes (patch 4 → (size/4)^2 tokens).")
+FLAGS = flags.FLAGS
+
+
+def matmul_peak(n=2048, reps=10):
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def bench(size, batch, image_size, steps):
+    cfg = tiny.get_config()
+    cfg.model.size = size
+    cfg.batch_size = batch
+    cfg.num_mask_groups = min(8, batch)
+    cfg.data.image_size = image_size
+    if size != "tiny":
+        cfg.model.overrides = {}
+    world = SyntheticWorld(image_size, "train")
+    tok = train_caption_bpe(world.captions(2000), vocab_size=cfg.data.text_vocab_size)
+    model = build_model(cfg, tok, make_image_tokenizer(cfg))
+    tx = train.make_optimizer(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    rules = mesh_lib.logical_rules(cfg.mesh)
+    empty = jnp.asarray(tok.encode_batch([""], cfg.data.gen_context)[0])
+    it = pipeline.make_train_iterator(cfg, tok)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        shardings, _ = train.state_shardings(model, tx, 0, mesh, rules)
+        state = jax.jit(lambda: train.strip_boxes(train.create_state(model, tx, 0)), out_shardings=shardings)()
+        step = jax.jit(train.make_train_step(cfg, model, tx, make_image_tokenizer(cfg), empty),
+                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                       out_shardings=(shardings, None), donate_argnums=(0,))
+        batch = next(it)
+        batch = mesh_lib.host_to_global({k: batch[k] for k in ("image", "clip_tokens", "gen_tokens")}, mesh)
+        compiled = step.lower(state, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", float("nan")))
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        dt = (time.perf_counter() - t) / steps
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    return dict(size=size, batch=cfg.batch_size, params=params, step_s=dt,
+                images_per_s=cfg.batch_size / dt, flops=flops)
+
+
+def main(_):
+    peak = matmul_peak()
+    print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'size':<6}{'batch':>6}{'params':>12}{'step s':>10}{'img/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}")
+    for size in FLAGS.sizes:
+        b = tiny.get_config().batch_size if size == "tiny" else FLAGS.b_batch
+        image_size = 32 if size == "tiny" else FLAGS.b_image_size
+        r = bench(size, b, image_size, FLAGS.steps)
+        achieved = r["flops"] / r["step_s"]
+        print(f"{size:<6}{b:>6}{r['params'] / 1e6:>11.1f}M{r['step_s']:>10.3f}{r['images_per_s']:>10.1f}"
+              f"{r['flops'] / 1e9:>12.1f}{achieved / 1e9:>10.1f}{achieved / peak:>9.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
