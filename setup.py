@@ -8,7 +8,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "jax", "flax", "optax", "orbax-checkpoint", "grain", "ml_collections", "clu", "einops",
-        "pillow", "numpy", "sentencepiece", "tokenizers", "array-record", "tensorboardX",
+        "pillow", "numpy", "sentencepiece", "tokenizers", "array-record", "tensorboardX", "pyarrow",
+        "regex", "ftfy", "tensorflow-datasets",
     ],
     extras_require={"tpu": ["jax[tpu]==0.10.2"]},
 )

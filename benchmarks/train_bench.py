@@ -58,11 +58,9 @@ def bench(size, batch, image_size, steps):
     empty = jnp.asarray(tok.encode_batch([""], cfg.data.gen_context)[0])
     it = pipeline.make_train_iterator(cfg, tok)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        shardings, _ = train.state_shardings(model, tx, 0, mesh, rules)
-        state = jax.jit(lambda: train.strip_boxes(train.create_state(model, tx, 0)), out_shardings=shardings)()
-        step = jax.jit(train.make_train_step(cfg, model, tx, make_image_tokenizer(cfg), empty),
-                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                       out_shardings=(shardings, None), donate_argnums=(0,))
+        _, _, init_fn, step = train.jit_state_and_step(cfg, model, tx, make_image_tokenizer(cfg), empty,
+                                                       mesh, rules)
+        state = init_fn()
         batch = next(it)
         batch = mesh_lib.host_to_global({k: batch[k] for k in ("image", "clip_tokens", "gen_tokens")}, mesh)
         compiled = step.lower(state, batch).compile()

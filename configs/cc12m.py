@@ -27,7 +27,9 @@ def get_config(arg=None):
     size = args.get("size", "L")
     c = tiny.get_config()
     c.model.size = size
-    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16"})
+    # bf16 compute; per-block rematerialisation (without it DREAM-B at batch 2048 needs
+    # 114 GiB of temporaries per v5p chip, see README).
+    c.model.overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": True})
     c.model.gen_weight = 1.0
     c.model.clip_weight = 0.005
 
@@ -40,7 +42,16 @@ def get_config(arg=None):
 
     c.tokenizer = ml_collections.ConfigDict(dict(kind="sd_vae", patch_size=2))
     c.data.source = "arrayrecord"
-    c.data.path = ""
+    c.data.path = ""                 # `python -m dream_jax.data.ingest --output DIR` (train split)
+    c.data.heldout_path = ""         # another ingest output for held-out evaluation (optional)
+    c.data.clip_tokenizer = "open_clip"  # OpenAI bpe_simple_vocab_16e6.txt.gz path, CLIP tokenizer.json, or
+    #                                  'open_clip' (the file inside an installed open_clip_torch)
+    c.data.gen_tokenizer = "clip"    # 'clip' (same ids) or a T5 spiece.model path
+    c.data.min_side_fraction = 0.75  # skip images whose shorter side < 0.75 × image_size; upsample the rest
+    c.data.max_image_pixels = 89_478_485   # PIL's decompression-bomb limit
+    c.data.random_flip = True
+    c.data.read_threads = 16         # grain ReadOptions.num_threads per process
+    c.data.worker_buffer_size = 2    # batches buffered per mp_prefetch worker
     c.data.image_size = 256
     c.data.num_train = DATASET_SIZE
     c.data.text_vocab_size = 49408

@@ -26,7 +26,7 @@ from dream_jax.data import pipeline, synthetic
 from dream_jax.data.tokenizers import get_or_train_synthetic_tokenizer
 from dream_jax.evals import zero_shot
 from dream_jax.models.build import build_model
-from dream_jax.models.dream import DreamModel
+from dream_jax.models.dream import DreamModel, dummy_inputs
 from dream_jax.models.sizes import SIZES
 from dream_jax.models.vae import make_image_tokenizer
 from dream_jax.objectives import masking
@@ -110,7 +110,7 @@ def weight_decay_mask(params):
     """Decay matrices only: no biases, norms or other 1-D/0-D params, nothing in the diffusion head."""
     flat = flax.traverse_util.flatten_dict(params)
     return flax.traverse_util.unflatten_dict(
-        {k: (jnp.ndim(v) >= 2 and k[0] != "diffusion_head") for k, v in flat.items()})
+        {k: (getattr(v, "value", v).ndim >= 2 and k[0] != "diffusion_head") for k, v in flat.items()})
 
 
 def make_optimizer(cfg):
@@ -122,18 +122,11 @@ def make_optimizer(cfg):
     )
 
 
-def dummy_inputs(model: DreamModel, batch: int):
-    a = model.arch
-    return (jnp.zeros((batch, a.seq_len, a.token_dim), jnp.float32),
-            jnp.zeros((batch, a.context_length), jnp.int32),
-            jnp.zeros((batch, a.gen_max_length), jnp.int32))
-
-
 def create_state(model, tx, seed: int):
     """The train state with boxed (logically named) params, for eval_shape and init."""
     rng = jax.random.PRNGKey(seed)
     init_rng, train_rng = jax.random.split(rng)
-    variables = model.init({"params": init_rng}, *dummy_inputs(model, 2), method=DreamModel.init_all)
+    variables = model.init({"params": init_rng}, *dummy_inputs(model.arch, 2), method=DreamModel.init_all)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                       batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=train_rng)
@@ -152,6 +145,21 @@ def state_shardings(model, tx, seed, mesh, rules):
     return nn.logical_to_mesh_sharding(logical, mesh, rules), strip_boxes(abstract)
 
 
+def jit_state_and_step(cfg, model, tx, image_tokenizer, empty_gen_tokens, mesh, rules):
+    """(shardings, abstract state, init_fn, step_fn): the jitted init and train step for a mesh.
+
+    Call under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+    """
+    shardings, abstract = state_shardings(model, tx, cfg.seed, mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    init_fn = jax.jit(lambda: strip_boxes(create_state(model, tx, cfg.seed)), out_shardings=shardings)
+    step_fn = jax.jit(make_train_step(cfg, model, tx, image_tokenizer, empty_gen_tokens),
+                      in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                      out_shardings=(shardings, None), donate_argnums=(0,))
+    return shardings, abstract, init_fn, step_fn
+
+
 # =============================================================================================
 # Step: masking and gating, one forward pass feeding both losses, AdamW, EMA.
 # =============================================================================================
@@ -162,9 +170,9 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
     lr_fn = learning_rate_schedule(cfg)
 
     def train_step(state: TrainState, batch):
-        batch_size = batch["image"].shape[0]
+        batch_size = batch["clip_tokens"].shape[0]
         key = jax.random.fold_in(state.rng, state.step)
-        k_ratio, k_order, k_drop, k_diff, k_dropout = jax.random.split(key, 5)
+        k_ratio, k_order, k_drop, k_diff, k_dropout, k_latent = jax.random.split(key, 6)
         progress = state.step.astype(jnp.float32) / cfg.total_steps
         ratios = masking.mask_ratios_for_step(k_ratio, cfg.masking, progress, groups)
         per_example = masking.expand_groups(ratios, batch_size)
@@ -174,7 +182,10 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
         clip_on = masking.clip_active(per_example)
         gen_text, _ = masking.drop_captions(k_drop, batch["gen_tokens"], empty_gen_tokens,
                                             cfg.data.caption_dropout)
-        tokens = image_tokenizer.encode(batch["image"])
+        if "latent_moments" in batch:   # cached VAE posterior: sample the latent here, as the paper does
+            tokens = image_tokenizer.tokens_from_moments(batch["latent_moments"], k_latent)
+        else:
+            tokens = image_tokenizer.encode(batch["image"])
 
         def loss_fn(params):
             (loss, metrics), updates = model.apply(
@@ -187,7 +198,7 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step),
                        mask_ratio_mean=ratios.mean(), mask_ratio_min=ratios.min(),
                        mask_ratio_max=ratios.max(),
                        frac_groups_gen=masking.gen_active(ratios).mean(),
@@ -295,28 +306,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     data_iter = pipeline.make_train_iterator(cfg, text_tokenizer, jax.process_index(), jax.process_count())
     empty_gen_tokens = jnp.asarray(text_tokenizer.encode_batch([""], cfg.data.gen_context)[0])
 
-    # ---- state ----------------------------------------------------------------------------
+    # ---- state, step, checkpoint -----------------------------------------------------------
     model = build_model(cfg, text_tokenizer, image_tokenizer)
     tx = make_optimizer(cfg)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        shardings, abstract = state_shardings(model, tx, cfg.seed, mesh, rules)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract, shardings)
+        shardings, abstract, init_fn, step_fn = jit_state_and_step(
+            cfg, model, tx, image_tokenizer, empty_gen_tokens, mesh, rules)
         checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
         latest = checkpointer.latest_step()
         if latest is not None:
             state = checkpointer.restore(latest, abstract, data_iter)
             print(f"resumed from step {latest} in {checkpointer.directory}", flush=True)
         else:
-            init = jax.jit(lambda: strip_boxes(create_state(model, tx, cfg.seed)), out_shardings=shardings)
-            state = init()
+            state = init_fn()
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(cfg.to_json_best_effort(indent=2))
-
-        # ---- step -----------------------------------------------------------------------------
-        step_fn = jax.jit(make_train_step(cfg, model, tx, image_tokenizer, empty_gen_tokens),
-                          in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                          out_shardings=(shardings, None), donate_argnums=(0,))
 
     # ---- eval -----------------------------------------------------------------------------
     evaluator = Evaluator(cfg, model, text_tokenizer, image_tokenizer, mesh) if cfg.eval.every > 0 else None

@@ -24,6 +24,17 @@ from dream_jax.models.text import CLIPTextTower, GenTextAligner
 from dream_jax.objectives.contrastive import clip_loss, l2_normalize
 
 
+def dummy_inputs(arch: DreamArch, batch: int):
+    """Zero (image tokens, CLIP tokens, generation text) of the right shapes, for init/eval_shape."""
+    tokens = jnp.zeros((batch, arch.seq_len, arch.token_dim), jnp.float32)
+    clip = jnp.zeros((batch, arch.context_length), jnp.int32)
+    if arch.gen_text == "t5":
+        gen = jnp.zeros((batch, arch.gen_max_length, arch.gen_feature_dim), jnp.float32)
+    else:
+        gen = jnp.zeros((batch, arch.gen_max_length), jnp.int32)
+    return tokens, clip, gen
+
+
 class ContrastiveHead(nn.Module):
     """d → hidden, BN, ReLU, hidden → hidden, BN, ReLU, hidden → embed_dim.
 
@@ -67,7 +78,8 @@ class DreamModel(nn.Module):
         self.text_tower = CLIPTextTower(a.vocab_size, a.context_length, a.text_width, a.text_depth,
                                         a.text_heads, a.embed_dim, a.eot_id, dt)
         self.diffusion_head = DiffusionHead(in_channels=a.token_dim, width=a.head_width,
-                                            depth=a.head_depth, out_channels=2 * a.token_dim, dtype=dt)
+                                            depth=a.head_depth, out_channels=2 * a.token_dim, dtype=dt,
+                                            remat=a.remat)
         self.contrastive_head = ContrastiveHead(a.contrastive_hidden, a.embed_dim, a.dtype)
         self.logit_scale = self.param("logit_scale", layers.named(nn.initializers.constant(jnp.log(1 / 0.07))), ())
         self.diffusion = make_diffusion(a.diffusion_steps, a.noise_schedule)
@@ -109,14 +121,17 @@ class DreamModel(nn.Module):
         """
         mul = self.arch.diffusion_batch_mul
         b, n, c = target.shape
-        z_rep = jnp.tile(z.reshape(b * n, -1), (mul, 1))
-        x_rep = jnp.tile(target.reshape(b * n, c), (mul, 1)).astype(jnp.float32)
+        # Repeat each token in place (image-major order) so the flat token axis keeps the
+        # batch sharding; tiling the whole batch would put `mul` in front and replicate it.
+        z_rep = nn.with_logical_constraint(jnp.repeat(z.reshape(b * n, -1), mul, axis=0), ("batch", None))
+        x_rep = nn.with_logical_constraint(
+            jnp.repeat(target.reshape(b * n, c), mul, axis=0).astype(jnp.float32), ("batch", None))
         key_t, key_noise = jax.random.split(self.make_rng("diffusion"))
         t = jax.random.randint(key_t, (mul * b * n,), 0, self.diffusion.num_timesteps)
         noise = jax.random.normal(key_noise, x_rep.shape, jnp.float32)
         per_token, _ = self.diffusion.training_losses(lambda x_t, tt: self.head(x_t, tt, z_rep),
                                                       x_rep, t, noise)
-        per_token = per_token.reshape(mul, b, n).mean(0)
+        per_token = per_token.reshape(b, n, mul).mean(-1)
         w = weights.astype(jnp.float32)
         return (per_token * w).sum() / jnp.maximum(w.sum(), 1.0)
 

@@ -143,7 +143,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, context=None, context_mask=None, deterministic=True):
-        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
         h = layer_norm(self.ln_eps, self.dtype, name="norm1")(x)
         x = x + Attention(self.num_heads, self.dropout, self.dtype, name="attn")(
             h, mask=mask, deterministic=deterministic)
@@ -153,7 +153,7 @@ class Block(nn.Module):
                 h, context=context, mask=context_mask, deterministic=deterministic)
         h = layer_norm(self.ln_eps, self.dtype, name="norm2")(x)
         x = x + Mlp(self.mlp_dim, self.dropout, self.dtype, name="mlp")(h, deterministic)
-        return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
 
 
 class Stack(nn.Module):

@@ -8,10 +8,9 @@ Counts exclude the frozen VAE and T5 (they are not part of DreamModel).
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dream_jax.models.dream import DreamModel
+from dream_jax.models.dream import DreamModel, dummy_inputs
 from dream_jax.models.sizes import PAPER_TOTALS, make_arch
 
 COMPONENTS = ("encoder", "decoder", "aligner", "diffusion_head", "text_tower", "contrastive_head",
@@ -21,15 +20,8 @@ COMPONENTS = ("encoder", "decoder", "aligner", "diffusion_head", "text_tower", "
 def abstract_params(arch):
     """Shapes of all parameters of a DreamModel with this architecture."""
     model = DreamModel(arch)
-    b = 2
-    tokens = jnp.zeros((b, arch.seq_len, arch.token_dim), jnp.float32)
-    clip = jnp.zeros((b, arch.context_length), jnp.int32)
-    if arch.gen_text == "t5":
-        gen = jnp.zeros((b, arch.gen_max_length, arch.gen_feature_dim), jnp.float32)
-    else:
-        gen = jnp.zeros((b, arch.gen_max_length), jnp.int32)
     variables = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, tokens, clip, gen, method=DreamModel.init_all))
+        lambda: model.init({"params": jax.random.key(0)}, *dummy_inputs(arch, 2), method=DreamModel.init_all))
     return variables["params"]
 
 

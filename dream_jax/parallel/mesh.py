@@ -3,7 +3,8 @@
 Mesh axes: ('data', 'fsdp', 'tensor').
   - the batch goes over data × fsdp;
   - fsdp shards the embedding (model-width) dimension of weights;
-  - tensor shards attention heads, MLP hidden units and vocabularies.
+  - tensor shards attention heads, MLP hidden units and vocabularies;
+  - activations are sharded over the batch only ('act_embed' is replicated).
 Rules can be replaced from the config (`config.mesh.rules`), as a list of
 (logical_name, mesh_axes) pairs.
 """
@@ -23,6 +24,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("seq", None),
+    ("act_embed", None),    # activations between blocks: replicated over fsdp/tensor
     ("pos", None),
     ("token_dim", None),
     ("text_feature", None),
