@@ -10,6 +10,7 @@ Expected result (measured on a 2-core CPU, see README): filled in below.
 """
 import ml_collections
 
+from dream_jax.models.sizes import SIZES
 from dream_jax.objectives.masking import masking_config
 
 
@@ -24,8 +25,11 @@ def get_config(arg=None):
     c.model.size = "tiny"
     c.model.gen_weight = 1.0
     c.model.clip_weight = 0.005
-    # Architecture fields that override the size table (see models/sizes.py).
-    c.model.overrides = ml_collections.ConfigDict({"gen_feature_dim": 128})
+    # Architecture fields that override the size table (models/sizes.py). The whole tiny
+    # entry is spelled out so that any field can be changed from the command line,
+    # e.g. --config.model.overrides.depth=2.
+    c.model.overrides = ml_collections.ConfigDict(dict(SIZES["tiny"], gen_feature_dim=128, remat=False,
+                                                       dtype="float32"))
 
     c.tokenizer = ml_collections.ConfigDict(dict(kind="patch", patch_size=4))
 

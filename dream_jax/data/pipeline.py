@@ -358,9 +358,13 @@ def make_train_iterator(cfg, tokenizer, process_index: int = 0, process_count: i
     local_batch = cfg.batch_size // process_count
     ds = grain.MapDataset.source(make_source(data, "train"))
     ds = ds.shuffle(seed=cfg.seed).repeat()
-    ds = ds[process_index::process_count]
     ds = ds.map(TokenizeCaption(tokenizer, data.clip_context, data.gen_context))
+    # Lazy batching, then every process_count-th chunk: process p holds rows
+    # [p·Bl, (p+1)·Bl) of each global batch, so the global batch (contents AND order,
+    # hence mask groups) is the same whatever the number of processes. Each process
+    # reads only its own records.
     ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds[process_index::process_count]
     it = ds.to_iter_dataset()
     if data.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
