@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.total_steps = 1500
     c.batch_size = 64
     c.num_mask_groups = 8
+    c.grad_accum_steps = 1          # >1: micro-batches with exact global-batch losses (train.py)
 
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"
@@ -31,7 +32,8 @@ def get_config(arg=None):
     c.model.overrides = ml_collections.ConfigDict(dict(SIZES["tiny"], gen_feature_dim=128, remat=False,
                                                        dtype="float32"))
 
-    c.tokenizer = ml_collections.ConfigDict(dict(kind="patch", patch_size=4))
+    # kind 'patch' (pixels) or 'sd_vae' (needs vae_path; see configs/tiny_sd_vae.py).
+    c.tokenizer = ml_collections.ConfigDict(dict(kind="patch", patch_size=4, vae_path=""))
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"
@@ -42,6 +44,8 @@ def get_config(arg=None):
     c.data.text_vocab_size = 512
     c.data.clip_context = 32
     c.data.gen_context = 32
+    c.data.gen_text = "learned"     # 'learned' (token ids → learned embedding) or 't5' (frozen T5 features)
+    c.data.t5_path = ""             # gen_text='t5' without a cache: HF T5 encoder directory (+ spiece.model)
     c.data.caption_dropout = 0.1
     c.data.worker_count = 0
 

@@ -23,12 +23,12 @@ import optax
 from dream_jax import checkpoint as ckpt_lib
 from dream_jax import metrics as metrics_lib
 from dream_jax.data import pipeline, synthetic
-from dream_jax.data.tokenizers import get_or_train_synthetic_tokenizer
+from dream_jax.data.inputs import make_inputs
 from dream_jax.evals import zero_shot
 from dream_jax.models.build import build_model
 from dream_jax.models.dream import DreamModel, dummy_inputs
+from dream_jax.models.mar import masked_mean
 from dream_jax.models.sizes import SIZES
-from dream_jax.models.vae import make_image_tokenizer
 from dream_jax.objectives import masking
 from dream_jax.parallel import mesh as mesh_lib
 
@@ -60,6 +60,12 @@ def validate_config(cfg, num_devices: int) -> None:
     batch_shards = parallel[0] * parallel[1]
     if cfg.batch_size % batch_shards:
         fail("batch_size", cfg.batch_size, f"not divisible by the {batch_shards} data×fsdp shards")
+    accum = cfg.get("grad_accum_steps", 1)
+    if accum < 1:
+        fail("grad_accum_steps", accum, "must be >= 1")
+    if cfg.batch_size % (accum * batch_shards):
+        fail("batch_size", cfg.batch_size,
+             f"not divisible by grad_accum_steps={accum} × {batch_shards} data×fsdp shards")
     if cfg.batch_size % jax.process_count():
         fail("batch_size", cfg.batch_size, f"not divisible by {jax.process_count()} processes")
     for name in ("low", "high", "centre_start", "centre_end", "ratio", "mean"):
@@ -73,10 +79,10 @@ def validate_config(cfg, num_devices: int) -> None:
     if cfg.data.source == "synthetic":
         if not 16 <= cfg.data.image_size <= 256:
             fail("data.image_size", cfg.data.image_size, "the synthetic world draws 16..256 px")
-    elif cfg.data.source == "arrayrecord":
+    elif cfg.data.source in ("arrayrecord", "cache"):
         path = cfg.data.get("path")
         if not path or not os.path.exists(path):
-            fail("data.path", path, "no ArrayRecord data there")
+            fail("data.path", path, f"no {'ArrayRecord data' if cfg.data.source == 'arrayrecord' else 'cache'} there")
     else:
         fail("data.source", cfg.data.source, "unknown data source")
     if cfg.eval.every > 0 and cfg.eval.num_examples % cfg.eval.batch_size:
@@ -163,11 +169,105 @@ def jit_state_and_step(cfg, model, tx, image_tokenizer, empty_gen_tokens, mesh, 
 # =============================================================================================
 # Step: masking and gating, one forward pass feeding both losses, AdamW, EMA.
 # =============================================================================================
+def loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, rngs):
+    """(loss, metrics, new batch stats, grads) of one batch; in micro-batches if accum_steps > 1."""
+    if accum_steps > 1:
+        return accumulated_loss_and_grads(model, accum_steps, params, batch_stats, inputs, rngs)
+
+    def loss_fn(p):
+        (loss, metrics), updates = model.apply({"params": p, "batch_stats": batch_stats}, *inputs,
+                                               train=True, rngs=rngs, mutable=["batch_stats"])
+        return loss, (metrics, updates["batch_stats"])
+
+    (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, metrics, new_stats, grads
+
+
+def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, rngs):
+    """The loss and gradients of the whole batch, computed over `accum_steps` micro-batches.
+
+    Equal to the one-pass computation (up to float summation order, and dropout masks,
+    which are drawn per micro-batch): the generative loss is a token average, so its
+    per-micro-batch sums are divided by the global token weight; the contrastive loss
+    and its BatchNorm need the global batch, so they run once on the pooled encoder
+    features of all micro-batches (computed without gradient), and the gradient with
+    respect to those features is pushed back through each micro-batch's encoder
+    ("gradient caching"). Micro-batch i holds rows i, i+A, i+2A, … so that each keeps
+    the batch sharding. Costs one extra encoder forward pass per micro-batch.
+    """
+    tokens, clip_tokens, gen_text, masked, gen_on, clip_on = inputs
+    batch, seq_len = masked.shape
+    micro = batch // accum_steps
+    split = lambda x: x.reshape(micro, accum_steps, *x.shape[1:]).swapaxes(0, 1)   # noqa: E731
+    merge = lambda x: x.swapaxes(0, 1).reshape(batch, *x.shape[2:])                # noqa: E731
+    positions = jnp.broadcast_to(jnp.arange(seq_len), (micro, seq_len))
+    weights = masked & gen_on[:, None]
+    weight_total = jnp.maximum(weights.sum().astype(jnp.float32), 1.0)
+    per_micro = dict(tokens=tokens, gen_text=gen_text, visible=~masked, weights=weights,
+                     ids=jnp.arange(batch), index=None)
+    per_micro = {k: split(v) for k, v in per_micro.items() if v is not None}
+    per_micro["index"] = jnp.arange(accum_steps)
+    variables = lambda p: {"params": p, "batch_stats": batch_stats}                  # noqa: E731
+    dropout = lambda i: {"dropout": jax.random.fold_in(rngs["dropout"], i)}         # noqa: E731
+
+    def pooled_features(p, mb):
+        features, valid = model.apply(variables(p), mb["tokens"], positions, mb["visible"], False,
+                                      method=DreamModel.encode_image, rngs=dropout(mb["index"]))
+        return masked_mean(features, valid)
+
+    metrics, new_stats = {}, batch_stats
+    pooled_grad = jnp.zeros((accum_steps, micro, model.arch.width), jnp.float32)
+    clip_grads = jax.tree.map(jnp.zeros_like, params)
+    clip = jnp.zeros((), jnp.float32)
+    if model.clip_weight:
+        pooled = merge(jax.lax.map(lambda mb: pooled_features(params, mb), per_micro))
+
+        def clip_fn(p, pooled):
+            (loss, clip_metrics), updates = model.apply(
+                variables(p), pooled, clip_tokens, clip_on, True, method=DreamModel.contrastive_loss,
+                rngs=rngs, mutable=["batch_stats"])
+            return model.clip_weight * loss, (loss, clip_metrics, updates["batch_stats"])
+
+        (_, (clip, clip_metrics, new_stats)), (clip_grads, pooled_grad) = jax.value_and_grad(
+            clip_fn, argnums=(0, 1), has_aux=True)(params, pooled)
+        pooled_grad = split(pooled_grad)
+        metrics.update(clip_loss=clip, **{f"clip_{k}": v for k, v in clip_metrics.items()})
+
+    def micro_step(carry, mb):
+        grad_sum, gen_sum = carry
+
+        def fn(p):
+            features, valid = model.apply(variables(p), mb["tokens"], positions, mb["visible"], False,
+                                          method=DreamModel.encode_image, rngs=dropout(mb["index"]))
+            # Its gradient w.r.t. the encoder is the contrastive loss's share for this micro-batch.
+            surrogate = (jax.lax.stop_gradient(mb["pooled_grad"]) * masked_mean(features, valid)).sum()
+            gen = jnp.zeros((), jnp.float32)
+            if model.gen_weight:
+                gen, _ = model.apply(variables(p), features, positions, mb["visible"], mb["tokens"],
+                                     mb["gen_text"], mb["weights"], mb["ids"], False,
+                                     method=DreamModel.generation_loss_terms,
+                                     rngs={**rngs, **dropout(mb["index"])})
+            return model.gen_weight * gen / weight_total + surrogate, gen
+
+        (_, gen), grads = jax.value_and_grad(fn, has_aux=True)(params)
+        return (jax.tree.map(jnp.add, grad_sum, grads), gen_sum + gen), None
+
+    per_micro["pooled_grad"] = pooled_grad
+    (grads, gen_total), _ = jax.lax.scan(micro_step, (clip_grads, jnp.zeros((), jnp.float32)), per_micro)
+    gen = gen_total / weight_total
+    if model.gen_weight:
+        metrics["gen_loss"] = gen
+    metrics["logit_scale"] = jnp.exp(params["logit_scale"])
+    loss = model.gen_weight * gen + model.clip_weight * clip
+    return loss, metrics, new_stats, grads
+
+
 def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_tokens):
     seq_len = model.arch.seq_len
     groups = cfg.num_mask_groups
     ema_decay = cfg.optim.ema_decay
     lr_fn = learning_rate_schedule(cfg)
+    accum_steps = cfg.get("grad_accum_steps", 1)
 
     def train_step(state: TrainState, batch):
         batch_size = batch["clip_tokens"].shape[0]
@@ -184,17 +284,15 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
                                             cfg.data.caption_dropout)
         if "latent_moments" in batch:   # cached VAE posterior: sample the latent here, as the paper does
             tokens = image_tokenizer.tokens_from_moments(batch["latent_moments"], k_latent)
+        elif hasattr(image_tokenizer, "encode_moments"):  # uncached: the frozen VAE runs in the step
+            tokens = image_tokenizer.tokens_from_moments(image_tokenizer.encode_moments(batch["image"]), k_latent)
         else:
             tokens = image_tokenizer.encode(batch["image"])
 
-        def loss_fn(params):
-            (loss, metrics), updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                tokens, batch["clip_tokens"], gen_text, masked, gen_on, clip_on, train=True,
-                rngs={"diffusion": k_diff, "dropout": k_dropout}, mutable=["batch_stats"])
-            return loss, (metrics, updates["batch_stats"])
-
-        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        inputs = (tokens, batch["clip_tokens"], gen_text, masked, gen_on, clip_on)
+        rngs = {"diffusion": k_diff, "dropout": k_dropout}
+        loss, metrics, batch_stats, grads = loss_and_grads(model, accum_steps, state.params,
+                                                           state.batch_stats, inputs, rngs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
@@ -216,12 +314,16 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
 class Evaluator:
     """Held-out evaluation with the model's own methods; inputs prepared once."""
 
-    def __init__(self, cfg, model, text_tokenizer, image_tokenizer, mesh):
+    def __init__(self, cfg, model, text_tokenizer, image_tokenizer, mesh, inputs=None):
         self.cfg, self.model, self.mesh = cfg, model, mesh
-        self.data = pipeline.heldout_examples(cfg, text_tokenizer, cfg.eval.num_examples)
-        self.tokens = np.asarray(image_tokenizer.encode(jnp.asarray(self.data["image"])))
+        if inputs is not None:   # data.inputs.Inputs: any source, generation text ready for the model
+            self.data = inputs.heldout(cfg.eval.num_examples)
+            self.tokens = self.data["tokens"]
+        else:
+            self.data = pipeline.heldout_examples(cfg, text_tokenizer, cfg.eval.num_examples)
+            self.tokens = np.asarray(image_tokenizer.encode(jnp.asarray(self.data["image"])))
         self.prompts = {}
-        for attribute in ("colour", "shape"):
+        for attribute in (("colour", "shape") if "labels" in self.data else ()):  # synthetic-world attributes
             per_class = synthetic.zero_shot_prompts(attribute)
             self.prompts[attribute] = [text_tokenizer.encode_batch(p, cfg.data.clip_context)
                                        for p in per_class]
@@ -301,13 +403,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     rules = mesh_lib.logical_rules(cfg.mesh)
 
     # ---- data -----------------------------------------------------------------------------
-    text_tokenizer = get_or_train_synthetic_tokenizer(workdir, vocab_size=cfg.data.text_vocab_size)
-    image_tokenizer = make_image_tokenizer(cfg)
-    data_iter = pipeline.make_train_iterator(cfg, text_tokenizer, jax.process_index(), jax.process_count())
-    empty_gen_tokens = jnp.asarray(text_tokenizer.encode_batch([""], cfg.data.gen_context)[0])
+    inputs = make_inputs(cfg, workdir, jax.process_index(), jax.process_count())
+    text_tokenizer, image_tokenizer, data_iter = inputs.clip_tokenizer, inputs.image_tokenizer, inputs.train_iter
+    empty_gen_tokens = jnp.asarray(inputs.empty_gen)
 
     # ---- state, step, checkpoint -----------------------------------------------------------
-    model = build_model(cfg, text_tokenizer, image_tokenizer)
+    model = build_model(cfg, text_tokenizer, image_tokenizer, inputs.arch_overrides)
     tx = make_optimizer(cfg)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         shardings, abstract, init_fn, step_fn = jit_state_and_step(
@@ -323,7 +424,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                 f.write(cfg.to_json_best_effort(indent=2))
 
     # ---- eval -----------------------------------------------------------------------------
-    evaluator = Evaluator(cfg, model, text_tokenizer, image_tokenizer, mesh) if cfg.eval.every > 0 else None
+    evaluator = Evaluator(cfg, model, text_tokenizer, image_tokenizer, mesh, inputs) if cfg.eval.every > 0 else None
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
 
     # ---- loop -----------------------------------------------------------------------------
@@ -347,7 +448,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
         run_eval()  # the starting point, so that progress is measurable
     while step < stop:
         batch = next(data_iter)
-        batch = {k: batch[k] for k in ("image", "clip_tokens", "gen_tokens")}
+        batch = {k: batch[k] for k in ("image", "latent_moments", "clip_tokens", "gen_tokens") if k in batch}
         with jax.set_mesh(mesh):
             state, metrics = step_fn(state, mesh_lib.host_to_global(batch, mesh))
         step += 1
@@ -364,7 +465,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
             if is_log:
                 steps_per_s, images_per_s = progress.rates(step)
                 means.update(images_per_s=images_per_s, steps_per_s=steps_per_s)
-                writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                writer.write_scalars(step, {**{f"train/{k}": v for k, v in means.items()},
+                                            **{f"data/{k}": v for k, v in getattr(data_iter, "counters", {}).items()}})
                 if is_main:
                     progress.print(step, means, steps_per_s)
                 last = means

@@ -12,7 +12,7 @@ from dream_jax.checkpoint import Checkpointer
 from dream_jax.data import pipeline
 from dream_jax.data.synthetic import SyntheticWorld
 from dream_jax.data.tokenizers import train_caption_bpe
-from tests.test_train import REPO, SMALL_ARCH, read_jsonl, small_config
+from tests.test_train import REPO, read_jsonl, small_arch_flags, small_config
 
 STEPS = 2
 FLAGS = [
@@ -20,7 +20,7 @@ FLAGS = [
     "--config.num_mask_groups=4", "--config.log_every=1", f"--config.checkpoint_every={STEPS}",
     "--config.eval.every=0", "--config.data.image_size=16", "--config.data.clip_context=16",
     "--config.data.gen_context=16", "--config.optim.warmup_steps=2",
-] + [f"--config.model.overrides.{k}={v}" for k, v in SMALL_ARCH.items()]
+] + small_arch_flags()
 
 
 def free_port():

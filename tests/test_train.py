@@ -21,6 +21,11 @@ SMALL_ARCH = dict(width=32, depth=1, num_heads=2, mlp_dim=64, aligner_depth=1, t
                   embed_dim=16, gen_feature_dim=32)
 
 
+def small_arch_flags():
+    """SMALL_ARCH as command-line overrides of configs/tiny.py."""
+    return [f"--config.model.overrides.{k}={v}" for k, v in SMALL_ARCH.items()]
+
+
 def small_config(**changes):
     c = tiny.get_config()
     c.total_steps = 6
@@ -84,7 +89,7 @@ def test_kill_minus_9_resumes_from_last_complete_checkpoint(tmp_path):
     args = [sys.executable, "-m", "dream_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
             "--config.total_steps=400", "--config.checkpoint_every=2", "--config.log_every=1",
             "--config.eval.every=0", "--config.batch_size=16", "--config.num_mask_groups=4",
-            "--config.data.image_size=16"]
+            "--config.data.image_size=16"] + small_arch_flags()
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -138,3 +143,56 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert Checkpointer(workdir).latest_step() == 3
     _, state = final_params(workdir, None)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def _loss_and_grads_setup(**arch_changes):
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from dream_jax.data import pipeline
+    from dream_jax.data.synthetic import SyntheticWorld
+    from dream_jax.data.tokenizers import train_caption_bpe
+    from dream_jax.models.build import build_model
+    from dream_jax.models.vae import make_image_tokenizer
+    from dream_jax.objectives import masking
+
+    cfg = small_config(**{"masking.kind": "fixed", "masking.ratio": 0.6})
+    cfg.model.overrides = dict(cfg.model.overrides, **arch_changes)
+    tok = train_caption_bpe(SyntheticWorld(16, "train").captions(500), vocab_size=cfg.data.text_vocab_size)
+    image_tokenizer = make_image_tokenizer(cfg)
+    model = build_model(cfg, tok, image_tokenizer)
+    variables = nn.unbox(model.init({"params": jax.random.key(0)}, *train.dummy_inputs(model.arch, 2),
+                                    method=train.DreamModel.init_all))
+    # Move every weight off its initial value (the diffusion head starts at zero output).
+    leaves, tree = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.02 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    batch = next(pipeline.make_train_iterator(cfg, tok))
+    tokens = image_tokenizer.encode(jnp.asarray(batch["image"]))
+    b, n = tokens.shape[:2]
+    ratios = jnp.linspace(0.3, 0.9, b)  # some rows gated out of each loss
+    masked = masking.mask_from_orders(masking.random_orders(jax.random.key(1), b, n), masking.num_masked(ratios, n))
+    inputs = (tokens, jnp.asarray(batch["clip_tokens"]), jnp.asarray(batch["gen_tokens"]), masked,
+              masking.gen_active(ratios), masking.clip_active(ratios))
+    rngs = {"diffusion": jax.random.key(7), "dropout": jax.random.key(8)}
+    return model, params, variables["batch_stats"], inputs, rngs
+
+
+@pytest.mark.parametrize("variant", ["accum2", "accum4", "remat"])
+def test_grad_accumulation_and_remat_leave_loss_and_grads_unchanged(variant):
+    model, params, stats, inputs, rngs = _loss_and_grads_setup()
+    ref = jax.jit(lambda p: train.loss_and_grads(model, 1, p, stats, inputs, rngs))(params)
+    if variant == "remat":
+        model, _, _, _, _ = _loss_and_grads_setup(remat=True)
+        out = jax.jit(lambda p: train.loss_and_grads(model, 1, p, stats, inputs, rngs))(params)
+    else:
+        steps = int(variant[-1])
+        out = jax.jit(lambda p: train.loss_and_grads(model, steps, p, stats, inputs, rngs))(params)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
+    for key in ("gen_loss", "clip_loss"):
+        np.testing.assert_allclose(out[1][key], ref[1][key], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[2]), jax.tree.leaves(ref[2])):   # BatchNorm statistics
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    flat_ref = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref[3])])
+    flat_out = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out[3])])
+    assert np.abs(flat_ref).max() > 0
+    np.testing.assert_allclose(flat_out, flat_ref, atol=1e-6 + 1e-4 * np.abs(flat_ref).max())

@@ -90,8 +90,16 @@ class DreamModel(nn.Module):
 
     def image_embed(self, features, valid_with_buffer, train=False):
         """Mean over buffer + visible tokens → BN-MLP head → unit vector."""
-        pooled = masked_mean(features, valid_with_buffer)
+        return self.embed_pooled(masked_mean(features, valid_with_buffer), train)
+
+    def embed_pooled(self, pooled, train=False):
         return l2_normalize(self.contrastive_head(pooled, train))
+
+    def contrastive_loss(self, pooled, clip_tokens, clip_valid, train=True):
+        """Gated CLIP loss of pooled encoder features [B, D] against the captions (global batch)."""
+        img = self.embed_pooled(pooled, train)
+        txt = self.text_embed(clip_tokens)
+        return clip_loss(img, txt, self.logit_scale, clip_valid)
 
     def text_embed(self, clip_tokens):
         return l2_normalize(self.text_tower(clip_tokens))
@@ -112,35 +120,45 @@ class DreamModel(nn.Module):
     def head(self, x_t, t, z):
         return self.diffusion_head(x_t, t, z)
 
-    def diffusion_loss(self, z, target, weights):
-        """Hybrid diffusion loss per token, averaged over tokens with weight > 0.
+    def diffusion_loss_terms(self, z, target, weights, example_ids=None):
+        """(Σ weight·loss, Σ weight) of the hybrid diffusion loss per token.
 
         z [B, N, D] conditions, target [B, N, C] clean tokens, weights [B, N] (masked and
         gen-active). Each (z, x) pair is repeated `diffusion_batch_mul` times with its own
-        timestep and noise.
+        timestep and noise. The randomness of example i comes from fold_in(rng, example_ids[i])
+        (default: its row), so it does not depend on how the batch is split or sharded.
         """
         mul = self.arch.diffusion_batch_mul
         b, n, c = target.shape
+        if example_ids is None:
+            example_ids = jnp.arange(b)
         # Repeat each token in place (image-major order) so the flat token axis keeps the
         # batch sharding; tiling the whole batch would put `mul` in front and replicate it.
         z_rep = nn.with_logical_constraint(jnp.repeat(z.reshape(b * n, -1), mul, axis=0), ("batch", None))
         x_rep = nn.with_logical_constraint(
             jnp.repeat(target.reshape(b * n, c), mul, axis=0).astype(jnp.float32), ("batch", None))
-        key_t, key_noise = jax.random.split(self.make_rng("diffusion"))
-        t = jax.random.randint(key_t, (mul * b * n,), 0, self.diffusion.num_timesteps)
-        noise = jax.random.normal(key_noise, x_rep.shape, jnp.float32)
+        keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(self.make_rng("diffusion"), i)))(
+            example_ids)
+        t = jax.vmap(lambda k: jax.random.randint(k, (n * mul,), 0, self.diffusion.num_timesteps))(keys[:, 0])
+        noise = jax.vmap(lambda k: jax.random.normal(k, (n * mul, c), jnp.float32))(keys[:, 1])
         per_token, _ = self.diffusion.training_losses(lambda x_t, tt: self.head(x_t, tt, z_rep),
-                                                      x_rep, t, noise)
+                                                      x_rep, t.reshape(-1), noise.reshape(-1, c))
         per_token = per_token.reshape(b, n, mul).mean(-1)
         w = weights.astype(jnp.float32)
-        return (per_token * w).sum() / jnp.maximum(w.sum(), 1.0)
+        return (per_token * w).sum(), w.sum()
+
+    def generation_loss_terms(self, features, positions, visible, image_tokens, gen_text, weights,
+                              example_ids=None, deterministic=True):
+        """Aligned text → decoder → (Σ weight·loss, Σ weight) on the tokens with weight > 0."""
+        ctx = self.align_text(gen_text, deterministic)
+        z = self.decode(features, positions, visible, ctx, deterministic)
+        return self.diffusion_loss_terms(z, image_tokens, weights, example_ids)
 
     def generation_loss(self, features, positions, visible, image_tokens, gen_text, weights,
                         deterministic=True):
-        """Aligned text → decoder → diffusion loss on the tokens with weight > 0."""
-        ctx = self.align_text(gen_text, deterministic)
-        z = self.decode(features, positions, visible, ctx, deterministic)
-        return self.diffusion_loss(z, image_tokens, weights)
+        total, weight = self.generation_loss_terms(features, positions, visible, image_tokens, gen_text,
+                                                   weights, None, deterministic)
+        return total / jnp.maximum(weight, 1.0)
 
     def masked_generation_loss(self, image_tokens, gen_text, masked):
         """The generative loss of one masked view (eval mode): what held-out evaluation reports."""
@@ -170,9 +188,8 @@ class DreamModel(nn.Module):
             total = total + self.gen_weight * gen
             metrics["gen_loss"] = gen
         if self.clip_weight:
-            img = self.image_embed(features, valid_all, train=train)
-            txt = self.text_embed(clip_tokens)
-            clip, clip_metrics = clip_loss(img, txt, self.logit_scale, clip_valid)
+            clip, clip_metrics = self.contrastive_loss(masked_mean(features, valid_all), clip_tokens,
+                                                       clip_valid, train)
             total = total + self.clip_weight * clip
             metrics["clip_loss"] = clip
             metrics.update({f"clip_{k}": v for k, v in clip_metrics.items()})
