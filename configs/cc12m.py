@@ -11,8 +11,17 @@ bf16 compute; Masking Warmup (centre 0 → 1 over the first 75 %, σ 0.45); loss
 data.num_train.
 
 Expected (paper, DREAM-L): ImageNet linear probe ≈ 72.7 %, CC12M FID ≈ 4.25.
-Needs the ArrayRecord CC12M conversion and the SD-VAE / T5 ports (their own
-issues); until those land the config check stops with a message naming data.path.
+
+Data: either the ArrayRecord ingest (data.source='arrayrecord', data.path=INGEST_DIR;
+the frozen SD-VAE and T5 then run in the input/train step, data.t5_path and
+tokenizer.vae_path needed), or — the paper's way — the latent/T5 cache written by
+`python -m dream_jax.data.cache --arrayrecord=INGEST_DIR --vae_path=VAE --t5_path=T5 --out=CACHE`:
+
+    python -m dream_jax.main --config=configs/cc12m.py:size=L --workdir=... \
+        --config.data.source=cache --config.data.path=CACHE \
+        --config.tokenizer.vae_path=VAE [--config.data.heldout_path=HELDOUT_CACHE]
+
+Without data.path the config check stops with a message naming it.
 """
 import ml_collections
 
@@ -40,13 +49,17 @@ def get_config(arg=None):
     steps_per_epoch = DATASET_SIZE // c.batch_size
     c.total_steps = c.epochs * steps_per_epoch
 
-    c.tokenizer = ml_collections.ConfigDict(dict(kind="sd_vae", patch_size=2))
+    # vae_path: diffusers sd-vae-ft-ema directory (`python -m dream_jax.models.fetch --what=vae`).
+    c.tokenizer = ml_collections.ConfigDict(dict(kind="sd_vae", patch_size=2, vae_path=""))
     c.data.source = "arrayrecord"
     c.data.path = ""                 # `python -m dream_jax.data.ingest --output DIR` (train split)
     c.data.heldout_path = ""         # another ingest output for held-out evaluation (optional)
     c.data.clip_tokenizer = "open_clip"  # OpenAI bpe_simple_vocab_16e6.txt.gz path, CLIP tokenizer.json, or
     #                                  'open_clip' (the file inside an installed open_clip_torch)
-    c.data.gen_tokenizer = "clip"    # 'clip' (same ids) or a T5 spiece.model path
+    c.data.gen_text = "t5"           # frozen T5-Large features (the paper); 'learned' = ids of gen_tokenizer
+    c.data.t5_path = ""              # HF T5 encoder dir with spiece.model; not needed with data.source='cache'
+    #                                  (T5 features come from the cache), else T5 runs on each host batch
+    c.data.gen_tokenizer = "clip"    # gen_text='learned' only: 'clip' (same ids) or a tokenizer path
     c.data.min_side_fraction = 0.75  # skip images whose shorter side < 0.75 × image_size; upsample the rest
     c.data.max_image_pixels = 89_478_485   # PIL's decompression-bomb limit
     c.data.random_flip = True

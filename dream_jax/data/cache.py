@@ -4,9 +4,18 @@
         [--out=DIR/cache] [--image_size=256] [--batch_size=16] [--records_per_shard=1000]
 
 DIR holds *.jpg / *.jpeg / *.png / *.webp images, each with a same-name .txt caption.
+    python -m dream_jax.data.cache --arrayrecord=INGEST_DIR --out=DIR ...
+
+(the second form caches the records of a `dream_jax.data.ingest` output, decoded and
+centre-cropped exactly as `data.source='arrayrecord'` does, in the same order, so that
+`data.source='cache'` trains on the same examples with the same shuffle and flips.)
+
 Records go into ArrayRecord shards `cache-00000.array_record`, ... plus
-`cache_info.json` (what was cached, with which weights and settings). Each record
-is a msgpack dict (flax.serialization, no pickle):
+`cache_info.json` (what was cached, with which weights and settings; `cache_version`
+is the record schema below, bumped on any incompatible change) and, with T5,
+`empty_t5_features.npy` (float32 [L, d], rounded through the storage dtype: the T5
+features of the empty caption, for caption dropout). Each record is a msgpack dict
+(flax.serialization, no pickle):
 
     key          str
     caption      str
@@ -40,6 +49,8 @@ from dream_jax.models.vae import sample_latent
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 SHARD_PATTERN = "cache-{:05d}.array_record"
 INFO_FILE = "cache_info.json"
+EMPTY_T5_FILE = "empty_t5_features.npy"
+CACHE_VERSION = 1
 
 
 def sample_latent_from_moments(moments, rng):
@@ -144,6 +155,62 @@ def cache_records(examples: Iterable[Tuple[str, np.ndarray, str]], vae=None, t5=
             yield rec
 
 
+def t5_caption_features(t5, t5_tokenizer, captions: Sequence[str], t5_length: int,
+                        batch_size: Optional[int] = None) -> np.ndarray:
+    """float32 [n, L, d] T5 features of captions, computed as `cache_records` does (EOS appended,
+    0-padded, the padding mask from the ids; batches padded to `batch_size`)."""
+    ids = np.asarray(t5_tokenizer.encode_batch(list(captions), t5_length), np.int32)
+    mask = padding_mask_from_ids(ids, t5_tokenizer.eos_id)
+    n = len(ids)
+    if batch_size and n < batch_size:
+        ids = np.concatenate([ids, np.repeat(ids[-1:], batch_size - n, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[-1:], batch_size - n, 0)])
+    return np.asarray(t5(ids, mask), np.float32)[:n]
+
+
+def arrayrecord_examples(path: str, image_size: int, min_side_fraction: float = 0.75,
+                         max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Iterator[Tuple[str, np.ndarray, str]]:
+    """(key, uint8 centre crop, caption) of the records of an ingest output (`data.path` of
+    `data.source='arrayrecord'`), in manifest order, decoded and cropped exactly as that
+    pipeline does (records it would skip are skipped here too)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from dream_jax.data import pipeline, records
+
+    min_side = images.min_side_for(image_size, min_side_fraction)
+    for shard in pipeline.arrayrecord_files(path):
+        reader = ArrayRecordReader(shard, "readahead_buffer_size:0")
+        try:
+            for i in range(reader.num_records()):
+                data = reader.read([i])[0]
+                try:
+                    header, offset = records.decode_header(data)
+                    if not header["caption"].strip():
+                        continue
+                    img, _ = images.decode_rgb(bytes(data[offset:]), max_pixels, min_side)
+                except Exception:             # noqa: BLE001  the pipeline skips these records too
+                    continue
+                yield header["key"], images.adm_center_crop(img, image_size), header["caption"]
+        finally:
+            reader.close()
+
+
+def load_info(path: str) -> Dict:
+    """`cache_info.json` of a cache directory (checks the record schema version)."""
+    with open(os.path.join(path, INFO_FILE)) as f:
+        info = json.load(f)
+    version = info.get("cache_version", CACHE_VERSION)
+    if version != CACHE_VERSION:
+        raise ValueError(f"{path}: cache_version {version}, this code reads {CACHE_VERSION}; rebuild the cache")
+    return info
+
+
+def load_empty_t5_features(path: str) -> Optional[np.ndarray]:
+    """float32 [L, d] T5 features of the empty caption stored with the cache (None if absent)."""
+    name = load_info(path).get("empty_t5_features")
+    return np.load(os.path.join(path, name)) if name else None
+
+
 def write_records(records: Iterable[Dict], out_dir: str, records_per_shard: int = 1000,
                   progress_every: int = 0) -> Tuple[List[str], int]:
     """ArrayRecord shards of `records_per_shard` msgpack records each; returns (paths, count)."""
@@ -178,9 +245,16 @@ def write_cache(examples: Iterable[Tuple[str, np.ndarray, str]], out_dir: str, v
                             t5_length=t5_length, t5_dtype=t5_dtype)
     paths, count = write_records(records, out_dir, records_per_shard, progress_every)
     meta = dict(info or {})
-    meta.update(num_records=count, shards=[os.path.basename(p) for p in paths], image_size=image_size,
+    if t5 is not None:
+        empty = t5_caption_features(t5, t5_tokenizer, [""], t5_length, batch_size)[0]
+        store = np.dtype(ml_dtypes.bfloat16) if t5_dtype == "bfloat16" else np.dtype(t5_dtype)
+        np.save(os.path.join(out_dir, EMPTY_T5_FILE), empty.astype(store).astype(np.float32))
+        meta["empty_t5_features"] = EMPTY_T5_FILE
+    meta.update(cache_version=CACHE_VERSION, num_records=count, shards=[os.path.basename(p) for p in paths],
+                image_size=image_size,
                 t5_length=t5_length if t5 is not None else None,
                 t5_dtype=t5_dtype if t5 is not None else None,
+                t5_width=int(t5.width) if t5 is not None else None,
                 t5_padding_mask=getattr(t5, "padding_mask", None),
                 scaling_factor=vae.cfg.scaling_factor if vae is not None else None,
                 shift_factor=vae.cfg.shift_factor if vae is not None else None,
@@ -250,6 +324,9 @@ def main(argv=None):
     from absl import app, flags
 
     flags.DEFINE_string("images", None, "Folder of images with same-name .txt captions.")
+    flags.DEFINE_string("arrayrecord", None, "Or: an ingest output directory (dream_jax.data.ingest).")
+    flags.DEFINE_float("min_side_fraction", 0.75, "--arrayrecord: skip images whose shorter side is below "
+                       "this fraction of image_size (as data.min_side_fraction does).")
     flags.DEFINE_string("out", None, "Output folder (default: IMAGES/cache).")
     flags.DEFINE_string("vae_path", None, "SD-VAE: diffusers directory or safetensors file ('' = no moments).")
     flags.DEFINE_string("t5_path", None, "HF T5 directory with spiece.model ('' = no T5 features).")
@@ -259,7 +336,7 @@ def main(argv=None):
     flags.DEFINE_string("t5_dtype", "bfloat16", "Storage dtype of the T5 features (bfloat16|float16|float32).")
     flags.DEFINE_bool("t5_padding_mask", False, "Mask padding in T5 (the paper's code does not).")
     flags.DEFINE_integer("records_per_shard", 1000, "Records per ArrayRecord shard.")
-    flags.mark_flags_as_required(["images", "vae_path", "t5_path"])
+    flags.mark_flags_as_required(["vae_path", "t5_path"])
     FLAGS = flags.FLAGS
 
     def run(_):
@@ -272,12 +349,18 @@ def main(argv=None):
         if FLAGS.t5_path:
             t5 = T5TextEncoder.from_pretrained(FLAGS.t5_path, padding_mask=FLAGS.t5_padding_mask)
             tok = T5Tokenizer.load(FLAGS.t5_path)
-        out = FLAGS.out or os.path.join(FLAGS.images, "cache")
-        paths = write_cache(image_folder_examples(FLAGS.images, FLAGS.image_size), out, vae, t5, tok,
+        if bool(FLAGS.images) == bool(FLAGS.arrayrecord):
+            raise app.UsageError("pass exactly one of --images and --arrayrecord")
+        if FLAGS.images:
+            examples = image_folder_examples(FLAGS.images, FLAGS.image_size)
+        else:
+            examples = arrayrecord_examples(FLAGS.arrayrecord, FLAGS.image_size, FLAGS.min_side_fraction)
+        out = FLAGS.out or os.path.join(FLAGS.images or FLAGS.arrayrecord, "cache")
+        paths = write_cache(examples, out, vae, t5, tok,
                             image_size=FLAGS.image_size, batch_size=FLAGS.batch_size,
                             t5_length=FLAGS.t5_length, t5_dtype=FLAGS.t5_dtype,
                             records_per_shard=FLAGS.records_per_shard, progress_every=100,
-                            info={"images": os.path.abspath(FLAGS.images),
+                            info={"images": os.path.abspath(FLAGS.images or FLAGS.arrayrecord),
                                   "vae_path": os.path.abspath(FLAGS.vae_path) if FLAGS.vae_path else "",
                                   "t5_path": os.path.abspath(FLAGS.t5_path) if FLAGS.t5_path else ""})
         print(f"wrote {len(paths)} shard(s) to {out}")

@@ -22,6 +22,13 @@ schema in ``data/records.py``)::
       → mp_prefetch(data.worker_count)           optional, worker processes
       → counting iterator (main process)         ``it.counters`` for the trainer
 
+``data.source='cache'`` (shards written by ``dream_jax.data.cache``): the same
+chain over the cache records, with :class:`CachedExample` in place of the
+decoder: ``latent_moments`` float32 [B, h, w, 2C] (the record's ``moments``, or
+``moments_flip`` when the flip above — same hash, same record key — says so)
+instead of ``image``; ``gen_tokens`` are the cached T5 features [B, L, d]
+(storage dtype) or, for learned generation text, the generation tokenizer's ids.
+
 Counters (``it.counters``, a dict of cumulative ints, restored with the
 iterator state): ``records`` (delivered), ``skipped/<reason>`` with reasons
 ``bad_record`` (not a schema-1 record), ``empty_caption``, ``empty_image``,
@@ -55,13 +62,15 @@ class TokenizeCaption(grain.transforms.Map):
     clip_length: int
     gen_length: int
     keep_caption: bool = False
+    gen_tokenizer: object = None         # None: ``tokenizer`` makes the generation tokens too
 
     def map(self, record):
         caption = record["caption"]
+        gen_tok = self.tokenizer if self.gen_tokenizer is None else self.gen_tokenizer
         out = {
             "image": record["image"],
             "clip_tokens": self.tokenizer.encode_batch([caption], self.clip_length)[0],
-            "gen_tokens": self.tokenizer.encode_batch([caption], self.gen_length)[0],
+            "gen_tokens": gen_tok.encode_batch([caption], self.gen_length)[0],
             "labels": {k: np.int32(record["labels"][k]) for k in synthetic.LABEL_KEYS},
         }
         if self.keep_caption:
@@ -281,7 +290,7 @@ class CountingIterator(grain.DatasetIterator):
             counts = element.pop("_counts", None)
             if counts:
                 self._counts.update(counts)
-            if "image" in element:
+            if "clip_tokens" in element:       # a batch (not a bare trailing "_counts")
                 return element
 
     def get_state(self):
@@ -343,22 +352,124 @@ def make_arrayrecord_dataset(cfg, tokenizer=None, process_index: int = 0, proces
     return CountingIterDataset(it)
 
 
+# =============================================================================================
+# Latent cache records (data/cache.py): SD-VAE moments (+ mirror) and optionally T5 features.
+# =============================================================================================
+@dataclasses.dataclass
+class CachedExample(grain.transforms.MapWithIndex):
+    """One cache record (msgpack bytes) → ``latent_moments`` float32 [h, w, 2C] (``moments`` or,
+    flipped, ``moments_flip``), ``clip_tokens``, and ``gen_tokens``: the cached ``t5_features``
+    [L, d] (``gen_tokenizer=None``) or the ids of ``gen_tokenizer``. The flip is the one the
+    arrayrecord pipeline draws for the same record (:func:`flip_decision` of (seed, key,
+    epoch)), so a cache written from an ingest output in its order trains on the same examples."""
+
+    clip_tokenizer: Any
+    gen_tokenizer: Any
+    clip_length: int
+    gen_length: int
+    num_records: int
+    seed: int = 0
+    random_flip: bool = True
+    process_index: int = 0
+    process_count: int = 1
+    keep_metadata: bool = False
+
+    def map_with_index(self, index: int, record: bytes):
+        from dream_jax.data import cache
+        try:
+            rec = cache.decode_record(bytes(record))
+            caption, key = str(rec["caption"]), str(rec["key"])
+            moments = rec["moments"]
+        except Exception:                          # noqa: BLE001  never crash the input pipeline
+            return {"_skip": "bad_record"}
+        if not caption.strip():
+            return {"_skip": "empty_caption"}
+        epoch = (self.process_index + int(index) * self.process_count) // max(1, self.num_records)
+        flipped = self.random_flip and flip_decision(self.seed, key, epoch)
+        if flipped:
+            moments = rec["moments_flip"]
+        notes = []
+        clip, clip_cut = self.clip_tokenizer.encode_batch([caption], self.clip_length, return_truncated=True)
+        if clip_cut[0]:
+            notes.append("truncated/clip_tokens")
+        if self.gen_tokenizer is None:
+            if "t5_features" not in rec:
+                return {"_skip": "no_t5_features"}
+            gen = rec["t5_features"]
+            if gen.shape[0] != self.gen_length:
+                raise ValueError(f"cached T5 features have length {gen.shape[0]}, data.gen_context is "
+                                 f"{self.gen_length}")
+        else:
+            ids, gen_cut = self.gen_tokenizer.encode_batch([caption], self.gen_length, return_truncated=True)
+            gen = ids[0]
+            if gen_cut[0]:
+                notes.append("truncated/gen_tokens")
+        out = {"latent_moments": np.asarray(moments, np.float32), "clip_tokens": clip[0], "gen_tokens": gen,
+               "_notes": tuple(notes)}
+        if self.keep_metadata:
+            out.update(caption=caption, key=key, epoch=int(epoch), flipped=bool(flipped))
+        return out
+
+
+def cache_files(path: str) -> List[str]:
+    from dream_jax.data import cache
+    files = cache.shard_paths(path)
+    if not files:
+        raise FileNotFoundError(f"no cache shards at data.path={path!r}")
+    return files
+
+
+def make_cache_dataset(cfg, tokenizer, process_index: int = 0, process_count: int = 1, *,
+                       gen_tokenizer=None, num_epochs: Optional[int] = None, drop_remainder: bool = True,
+                       keep_metadata: bool = False, batch_size: Optional[int] = None) -> grain.IterDataset:
+    """``data.source='cache'``: the cache shards of ``data.path`` (written by ``data/cache.py``) →
+    shuffle(seed).repeat() → per-host slice → :class:`CachedExample` → batch (drop_remainder),
+    with the counters of the arrayrecord pipeline. ``gen_tokenizer=None``: ``gen_tokens`` are
+    the cached T5 features; otherwise that tokenizer's ids of the caption."""
+    data = cfg.data
+    source = grain.sources.ArrayRecordDataSource(cache_files(data.path))
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"data.path={data.path!r} holds no cache records")
+    local_batch = batch_size or cfg.batch_size // process_count
+    ds = grain.MapDataset.source(source).shuffle(seed=int(cfg.seed)).repeat(num_epochs)
+    ds = ds[process_index::process_count]
+    ds = ds.map_with_index(CachedExample(
+        clip_tokenizer=tokenizer, gen_tokenizer=gen_tokenizer, clip_length=int(data.clip_context),
+        gen_length=int(data.gen_context), num_records=n, seed=int(cfg.seed),
+        random_flip=bool(data.get("random_flip", True)), process_index=int(process_index),
+        process_count=int(process_count), keep_metadata=keep_metadata))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(data.get("read_threads", 16)),
+                                              prefetch_buffer_size=int(data.get("read_buffer", 256))))
+    it = FilterCountBatch(it, local_batch, drop_remainder=drop_remainder)
+    if data.get("worker_count", 0) > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(data.worker_count),
+            per_worker_buffer_size=int(data.get("worker_buffer_size", 2))))
+    return CountingIterDataset(it)
+
+
 def make_train_iterator(cfg, tokenizer, process_index: int = 0, process_count: int = 1,
                         gen_tokenizer=None):
     """An infinite, checkpointable iterator of host-local batches.
 
     ``tokenizer`` makes ``clip_tokens`` (and ``gen_tokens`` unless
     ``gen_tokenizer`` or ``data.gen_tokenizer`` names another one). For
-    arrayrecord data the iterator has ``.counters`` (see the module docstring).
+    arrayrecord and cache data the iterator has ``.counters`` (see the module
+    docstring). ``data.source='cache'`` yields ``latent_moments`` instead of
+    ``image``, and with ``gen_tokenizer=None`` the cached T5 features as
+    ``gen_tokens`` (see :func:`make_cache_dataset`).
     """
     data = cfg.data
     if data.source == "arrayrecord":
         return iter(make_arrayrecord_dataset(cfg, tokenizer, process_index, process_count,
                                              gen_tokenizer=gen_tokenizer))
+    if data.source == "cache":
+        return iter(make_cache_dataset(cfg, tokenizer, process_index, process_count, gen_tokenizer=gen_tokenizer))
     local_batch = cfg.batch_size // process_count
     ds = grain.MapDataset.source(make_source(data, "train"))
     ds = ds.shuffle(seed=cfg.seed).repeat()
-    ds = ds.map(TokenizeCaption(tokenizer, data.clip_context, data.gen_context))
+    ds = ds.map(TokenizeCaption(tokenizer, data.clip_context, data.gen_context, gen_tokenizer=gen_tokenizer))
     # Lazy batching, then every process_count-th chunk: process p holds rows
     # [p·Bl, (p+1)·Bl) of each global batch, so the global batch (contents AND order,
     # hence mask groups) is the same whatever the number of processes. Each process
@@ -371,12 +482,39 @@ def make_train_iterator(cfg, tokenizer, process_index: int = 0, process_count: i
     return iter(it)
 
 
+def heldout_cache_examples(cfg, tokenizer, n: int, gen_tokenizer=None):
+    """The first n usable records of the cache at ``data.heldout_path`` (file order, no flip) as
+    one batch: ``latent_moments``, ``clip_tokens``, ``gen_tokens`` (the cached T5 features when
+    ``gen_tokenizer`` is None), ``caption``, ``key``."""
+    path = cfg.data.get("heldout_path", "")
+    if not path:
+        raise ValueError("data.source='cache' needs data.heldout_path (a cache directory) for evaluation")
+    source = grain.sources.ArrayRecordDataSource(cache_files(path))
+    decode = CachedExample(tokenizer, gen_tokenizer, int(cfg.data.clip_context), int(cfg.data.gen_context),
+                           len(source), seed=int(cfg.seed), random_flip=False, keep_metadata=True)
+    found = []
+    for i in range(len(source)):
+        x = decode.map_with_index(i, source[i])
+        if "_skip" not in x:
+            x.pop("_notes", None)
+            found.append(x)
+            if len(found) == n:
+                break
+    if len(found) < n:
+        raise ValueError(f"eval.num_examples={n} exceeds the {len(found)} usable held-out records "
+                         f"in data.heldout_path={path!r}")
+    batch = _stack(found)
+    return {k: batch[k] for k in ("latent_moments", "clip_tokens", "gen_tokens", "caption", "key")}
+
+
 def heldout_examples(cfg, tokenizer, n: int, gen_tokenizer=None):
     """The first n held-out examples as one batch (with captions), for evaluation.
 
     arrayrecord: the first n usable records of ``data.heldout_path`` in file
     order (no shuffle, no flip; bad records are skipped, not replaced); the
     batch has ``key`` and no ``labels``."""
+    if cfg.data.source == "cache":
+        return heldout_cache_examples(cfg, tokenizer, n, gen_tokenizer)
     if cfg.data.source == "arrayrecord":
         clip, gen = _resolve_tokenizers(cfg, tokenizer, gen_tokenizer)
         source = make_source(cfg.data, "heldout")
@@ -397,7 +535,8 @@ def heldout_examples(cfg, tokenizer, n: int, gen_tokenizer=None):
     source = make_source(cfg.data, "heldout")
     if n > len(source):
         raise ValueError(f"eval.num_examples={n} exceeds the held-out split size {len(source)}")
-    tok = TokenizeCaption(tokenizer, cfg.data.clip_context, cfg.data.gen_context, keep_caption=True)
+    tok = TokenizeCaption(tokenizer, cfg.data.clip_context, cfg.data.gen_context, keep_caption=True,
+                          gen_tokenizer=gen_tokenizer)
     records_ = [tok.map(source[i]) for i in range(n)]
     return {
         "image": np.stack([r["image"] for r in records_]),
