@@ -6,7 +6,14 @@ No downloads: images (32×32) and captions are generated from their index, the
 caption tokenizer is trained in the workdir at start-up. Re-running the same
 command resumes from the last checkpoint.
 
-Expected result (measured on a 2-core CPU, see README): filled in below.
+Measured on this project's 2-core CPU machine (2026-12-04, JAX 0.10.2, the command above,
+1200 steps of batch 64): 12 min 13 s wall, 113 images/s. Held-out results (256 examples,
+EMA weights): zero-shot colour accuracy 0.836, shape accuracy 0.316 (target 0.5: NOT yet met),
+image→text R@1 0.223 / R@5 0.742, text→image R@1 0.215 / R@5 0.711 among 256, held-out
+generative loss (mask ratio 0.7) 1.533 at step 0 → 0.073 at step 1200.
+Generation on 256 held-out prompts (16 iterations, ddim25, cfg 3): colour match 0.547 plain,
+0.551 with SAD (K=5, threshold 8/16); shape match 0.500 / 0.488; own-branch CLIP score
+25.8 plain → 36.6 with SAD (real images: 78.9).
 """
 import ml_collections
 
@@ -17,7 +24,7 @@ from dream_jax.objectives.masking import masking_config
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1500
+    c.total_steps = 1200
     c.batch_size = 64
     c.num_mask_groups = 8
     c.grad_accum_steps = 1          # >1: micro-batches with exact global-batch losses (train.py)
@@ -25,12 +32,16 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"
     c.model.gen_weight = 1.0
-    c.model.clip_weight = 0.005
+    # The paper's 0.005 is tuned for CC12M at batch 2048; at this scale and budget the
+    # contrastive branch needs a 10× larger share to learn shape, not only colour.
+    c.model.clip_weight = 0.05
     # Architecture fields that override the size table (models/sizes.py). The whole tiny
     # entry is spelled out so that any field can be changed from the command line,
     # e.g. --config.model.overrides.depth=2.
+    # Two diffusion repeats per token instead of the paper's four halve the head's cost, which
+    # dominates this small model's step.
     c.model.overrides = ml_collections.ConfigDict(dict(SIZES["tiny"], gen_feature_dim=128, remat=False,
-                                                       dtype="float32"))
+                                                       dtype="float32", diffusion_batch_mul=2))
 
     # kind 'patch' (pixels) or 'sd_vae' (needs vae_path; see configs/tiny_sd_vae.py).
     c.tokenizer = ml_collections.ConfigDict(dict(kind="patch", patch_size=4, vae_path=""))
@@ -53,7 +64,7 @@ def get_config(arg=None):
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
-    c.optim.warmup_steps = 200
+    c.optim.warmup_steps = 150
     c.optim.schedule = "cosine"     # 'constant' (paper) or 'cosine'
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
@@ -70,10 +81,12 @@ def get_config(arg=None):
     c.keep_checkpoints = 2
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.every = 1000
+    c.eval.every = 600
     c.eval.num_examples = 256
     c.eval.use_ema = True
     c.eval.batch_size = 128
     c.eval.gen_loss_ratio = 0.7     # fixed masking ratio for the held-out generative loss
-    c.eval.num_samples = 0          # sample-grid images per eval (0 = none)
+    c.eval.num_samples = 16         # sample-grid images per eval (0 = none)
+    c.eval.sample_iters = 16        # MAR iterations for the grid (short: it is a progress picture)
+    c.eval.sample_diffusion_steps = "ddim25"
     return c

@@ -327,6 +327,15 @@ class Evaluator:
             per_class = synthetic.zero_shot_prompts(attribute)
             self.prompts[attribute] = [text_tokenizer.encode_batch(p, cfg.data.clip_context)
                                        for p in per_class]
+        # A grid of generated samples for the first held-out captions (learned generation text).
+        self.sample_prompts = list(self.data.get("caption", []))[: cfg.eval.get("num_samples", 0)]
+        if cfg.data.get("gen_text", "learned") != "learned":
+            self.sample_prompts = []
+        self.generator, self.last_grid = None, None
+        if self.sample_prompts:
+            from dream_jax.sampling.api import Generator
+            self.generator = Generator(model, None, text_tokenizer, image_tokenizer, cfg.data.gen_context,
+                                       cfg.data.clip_context, mesh)
         seq_len = model.arch.seq_len
         n = cfg.eval.batch_size
         rng = jax.random.PRNGKey(1234)  # fixed: the held-out generative loss is comparable over time
@@ -371,6 +380,13 @@ class Evaluator:
             if self.model.gen_weight:
                 losses = self._batched(self._gen_loss, variables, self.tokens, self.data["gen_tokens"])
                 results["eval/gen_loss"] = float(np.mean([float(x) for x in losses]))
+        if self.generator is not None:
+            from dream_jax.sample import make_grid
+            self.generator.variables = variables
+            out = self.generator.generate(self.sample_prompts, mode="plain", num_iter=self.cfg.eval.sample_iters,
+                                          diffusion_steps=self.cfg.eval.sample_diffusion_steps, seed=0)
+            cols = int(np.ceil(np.sqrt(len(out.images))))
+            self.last_grid = make_grid(out.images, int(np.ceil(len(out.images) / cols)), cols)
         return results
 
 
@@ -435,10 +451,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         print(f"training {cfg.model.size} from step {step} to {stop} on mesh {dict(mesh.shape)}; "
               f"workdir {workdir}", flush=True)
+
     def run_eval():
         t0 = time.time()
         results = evaluator(state)
         writer.write_scalars(step, results)
+        if evaluator.last_grid is not None:
+            writer.write_image(step, "samples", evaluator.last_grid)
         if is_main:
             print(f"eval at step {step} ({time.time() - t0:.1f}s): "
                   + ", ".join(f"{k[5:]} {v:.3f}" for k, v in results.items()), flush=True)

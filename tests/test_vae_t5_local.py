@@ -15,28 +15,8 @@ import pytest
 
 from dream_jax.data import cache, tokenizers
 from dream_jax.models import pretrained, t5, vae
-
-TINY_VAE = vae.VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
-TINY_T5 = t5.T5Config(vocab_size=300, d_model=16, d_kv=6, d_ff=32, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=20)
-
-
-def _random_params(model, seed, *example_args):
-    """Random parameters of the right shapes without compiling `init` (slow for conv nets):
-    kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm scales 1 + N(0, 0.1²), biases N(0, 0.1²)."""
-    abstract = flax.core.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *example_args)["params"])
-    rs = np.random.RandomState(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        x = rs.standard_normal(leaf.shape).astype(np.float32)
-        if name == "kernel":
-            return jnp.asarray(x / np.sqrt(np.prod(leaf.shape[:-1])))
-        if name in ("embedding",):
-            return jnp.asarray(x)
-        return jnp.asarray((1.0 if name == "scale" else 0.0) + 0.1 * x)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
+from dream_jax.models.tiny_weights import TINY_T5, TINY_VAE
+from dream_jax.models.tiny_weights import random_params as _random_params
 
 
 @pytest.fixture(scope="module")

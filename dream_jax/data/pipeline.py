@@ -482,16 +482,8 @@ def make_train_iterator(cfg, tokenizer, process_index: int = 0, process_count: i
     return iter(it)
 
 
-def heldout_cache_examples(cfg, tokenizer, n: int, gen_tokenizer=None):
-    """The first n usable records of the cache at ``data.heldout_path`` (file order, no flip) as
-    one batch: ``latent_moments``, ``clip_tokens``, ``gen_tokens`` (the cached T5 features when
-    ``gen_tokenizer`` is None), ``caption``, ``key``."""
-    path = cfg.data.get("heldout_path", "")
-    if not path:
-        raise ValueError("data.source='cache' needs data.heldout_path (a cache directory) for evaluation")
-    source = grain.sources.ArrayRecordDataSource(cache_files(path))
-    decode = CachedExample(tokenizer, gen_tokenizer, int(cfg.data.clip_context), int(cfg.data.gen_context),
-                           len(source), seed=int(cfg.seed), random_flip=False, keep_metadata=True)
+def _first_usable(decode, source, n: int, path: str):
+    """The first n records of `source` that decode (file order; bad ones skipped, never replaced)."""
     found = []
     for i in range(len(source)):
         x = decode.map_with_index(i, source[i])
@@ -503,7 +495,20 @@ def heldout_cache_examples(cfg, tokenizer, n: int, gen_tokenizer=None):
     if len(found) < n:
         raise ValueError(f"eval.num_examples={n} exceeds the {len(found)} usable held-out records "
                          f"in data.heldout_path={path!r}")
-    batch = _stack(found)
+    return _stack(found)
+
+
+def heldout_cache_examples(cfg, tokenizer, n: int, gen_tokenizer=None):
+    """The first n usable records of the cache at ``data.heldout_path`` (file order, no flip) as
+    one batch: ``latent_moments``, ``clip_tokens``, ``gen_tokens`` (the cached T5 features when
+    ``gen_tokenizer`` is None), ``caption``, ``key``."""
+    path = cfg.data.get("heldout_path", "")
+    if not path:
+        raise ValueError("data.source='cache' needs data.heldout_path (a cache directory) for evaluation")
+    source = grain.sources.ArrayRecordDataSource(cache_files(path))
+    decode = CachedExample(tokenizer, gen_tokenizer, int(cfg.data.clip_context), int(cfg.data.gen_context),
+                           len(source), seed=int(cfg.seed), random_flip=False, keep_metadata=True)
+    batch = _first_usable(decode, source, n, path)
     return {k: batch[k] for k in ("latent_moments", "clip_tokens", "gen_tokens", "caption", "key")}
 
 
@@ -519,18 +524,7 @@ def heldout_examples(cfg, tokenizer, n: int, gen_tokenizer=None):
         clip, gen = _resolve_tokenizers(cfg, tokenizer, gen_tokenizer)
         source = make_source(cfg.data, "heldout")
         decode = _decoder(cfg, clip, gen, len(source), 0, 1, keep_metadata=True, train=False)
-        found = []
-        for i in range(len(source)):
-            x = decode.map_with_index(i, source[i])
-            if "_skip" not in x:
-                x.pop("_notes", None)
-                found.append(x)
-                if len(found) == n:
-                    break
-        if len(found) < n:
-            raise ValueError(f"eval.num_examples={n} exceeds the {len(found)} usable held-out records "
-                             f"in data.heldout_path={cfg.data.heldout_path!r}")
-        batch = _stack(found)
+        batch = _first_usable(decode, source, n, cfg.data.heldout_path)
         return {k: batch[k] for k in ("image", "clip_tokens", "gen_tokens", "caption", "key")}
     source = make_source(cfg.data, "heldout")
     if n > len(source):

@@ -32,7 +32,7 @@ import numpy as np
 from dream_jax import checkpoint as ckpt_lib
 from dream_jax.data.tokenizers import TOKENIZER_FILENAME, TextTokenizer
 from dream_jax.models.build import build_model
-from dream_jax.models.vae import make_image_tokenizer
+from dream_jax.models.vae import PatchTokenizer, make_image_tokenizer
 from dream_jax.parallel import mesh as mesh_lib
 from dream_jax.sampling import sad as sad_lib
 from dream_jax.sampling.mar import MARSampler, as_key, trajectory_keys
@@ -192,7 +192,8 @@ class Generator:
     def sampler(self, num_iter: int, diffusion_steps: Union[int, str], guided: bool) -> MARSampler:
         key = (int(num_iter), str(diffusion_steps), bool(guided))
         if key not in self._samplers:
-            self._samplers[key] = MARSampler(self.model, num_iter, diffusion_steps, guided)
+            self._samplers[key] = MARSampler(self.model, num_iter, diffusion_steps, guided,
+                                             clip_denoised=isinstance(self.image_tokenizer, PatchTokenizer))
         return self._samplers[key]
 
     def encode_prompts(self, prompts: Sequence[str]):

@@ -153,7 +153,11 @@ class MARSampler:
     """
 
     def __init__(self, model: DreamModel, num_iter: int = 64,
-                 diffusion_steps: Union[int, str] = 100, guided: bool = True):
+                 diffusion_steps: Union[int, str] = 100, guided: bool = True,
+                 clip_denoised: bool = False):
+        # clip_denoised: clip the predicted x0 to [-1, 1] at every diffusion step. Right for
+        # the `patch` tokenizer (pixels are bounded); off for VAE latents (as MAR samples).
+        self.clip_denoised = bool(clip_denoised)
         arch = model.arch
         self.model = model
         self.seq_len = int(arch.seq_len)
@@ -218,7 +222,7 @@ class MARSampler:
         else:
             fn = cfg_model_fn(head(jnp.concatenate([z_cond, z_uncond], axis=0)), scale)
         return self.diffusion.p_sample_loop(fn, (z_cond.shape[0], self.token_dim), key,
-                                            temperature=temperature)
+                                            temperature=temperature, clip_denoised=self.clip_denoised)
 
     def _iteration(self, variables, k, canvas, orders, ranks, noise_keys, ctx, schedule, temperature):
         """One MAR iteration on every row: returns the updated canvas."""
