@@ -60,7 +60,9 @@ def get_config(arg=None):
     c.data.caption_dropout = 0.1
     c.data.worker_count = 0
 
-    c.masking = masking_config("warmup")
+    # `ratio` is read only by kind='fixed'; it is here so that --config.masking.kind=fixed
+    # --config.masking.ratio=0.6 works from the command line (ablations, tests).
+    c.masking = masking_config("warmup", ratio=0.5)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3

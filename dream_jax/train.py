@@ -26,7 +26,7 @@ from dream_jax.data import pipeline, synthetic
 from dream_jax.data.inputs import make_inputs
 from dream_jax.evals import zero_shot
 from dream_jax.models.build import build_model
-from dream_jax.models.dream import DreamModel, dummy_inputs
+from dream_jax.models.dream import DreamModel, draw_diffusion_noise, dummy_inputs
 from dream_jax.models.mar import masked_mean
 from dream_jax.models.sizes import SIZES
 from dream_jax.objectives import masking
@@ -169,21 +169,26 @@ def jit_state_and_step(cfg, model, tx, image_tokenizer, empty_gen_tokens, mesh, 
 # =============================================================================================
 # Step: masking and gating, one forward pass feeding both losses, AdamW, EMA.
 # =============================================================================================
-def loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, rngs):
-    """(loss, metrics, new batch stats, grads) of one batch; in micro-batches if accum_steps > 1."""
+def loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, noise, rngs):
+    """(loss, metrics, new batch stats, grads) of one batch; in micro-batches if accum_steps > 1.
+
+    `noise` = (t, noise) of the diffusion loss for the whole batch (`draw_diffusion_noise`).
+    """
     if accum_steps > 1:
-        return accumulated_loss_and_grads(model, accum_steps, params, batch_stats, inputs, rngs)
+        return accumulated_loss_and_grads(model, accum_steps, params, batch_stats, inputs, noise, rngs)
 
     def loss_fn(p):
         (loss, metrics), updates = model.apply({"params": p, "batch_stats": batch_stats}, *inputs,
-                                               train=True, rngs=rngs, mutable=["batch_stats"])
+                                               train=True, diffusion_noise=noise, rngs=rngs,
+                                               mutable=["batch_stats"])
         return loss, (metrics, updates["batch_stats"])
 
     (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, new_stats, grads
 
 
-def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, rngs):
+def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, noise,
+                               rngs):
     """The loss and gradients of the whole batch, computed over `accum_steps` micro-batches.
 
     Equal to the one-pass computation (up to float summation order, and dropout masks,
@@ -204,8 +209,8 @@ def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batc
     weights = masked & gen_on[:, None]
     weight_total = jnp.maximum(weights.sum().astype(jnp.float32), 1.0)
     per_micro = dict(tokens=tokens, gen_text=gen_text, visible=~masked, weights=weights,
-                     ids=jnp.arange(batch), index=None)
-    per_micro = {k: split(v) for k, v in per_micro.items() if v is not None}
+                     t=noise[0], noise=noise[1])
+    per_micro = {k: split(v) for k, v in per_micro.items()}
     per_micro["index"] = jnp.arange(accum_steps)
     variables = lambda p: {"params": p, "batch_stats": batch_stats}                  # noqa: E731
     dropout = lambda i: {"dropout": jax.random.fold_in(rngs["dropout"], i)}         # noqa: E731
@@ -244,7 +249,7 @@ def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batc
             gen = jnp.zeros((), jnp.float32)
             if model.gen_weight:
                 gen, _ = model.apply(variables(p), features, positions, mb["visible"], mb["tokens"],
-                                     mb["gen_text"], mb["weights"], mb["ids"], False,
+                                     mb["gen_text"], mb["weights"], (mb["t"], mb["noise"]), False,
                                      method=DreamModel.generation_loss_terms,
                                      rngs={**rngs, **dropout(mb["index"])})
             return model.gen_weight * gen / weight_total + surrogate, gen
@@ -290,9 +295,11 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
             tokens = image_tokenizer.encode(batch["image"])
 
         inputs = (tokens, batch["clip_tokens"], gen_text, masked, gen_on, clip_on)
+        noise = draw_diffusion_noise(k_diff, batch_size, seq_len, model.arch.diffusion_batch_mul,
+                                     model.arch.token_dim, model.arch.diffusion_steps)
         rngs = {"diffusion": k_diff, "dropout": k_dropout}
         loss, metrics, batch_stats, grads = loss_and_grads(model, accum_steps, state.params,
-                                                           state.batch_stats, inputs, rngs)
+                                                           state.batch_stats, inputs, noise, rngs)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)

@@ -38,7 +38,7 @@ def small_config(**changes):
     c.data.clip_context = 16
     c.data.gen_context = 16
     c.optim.warmup_steps = 2
-    c.model.overrides = dict(SMALL_ARCH)
+    c.model.overrides.update(SMALL_ARCH)  # on top of the tiny defaults, as the CLI flags do
     for key, value in changes.items():
         node = c
         *path, last = key.split(".")
@@ -174,19 +174,22 @@ def _loss_and_grads_setup(**arch_changes):
     inputs = (tokens, jnp.asarray(batch["clip_tokens"]), jnp.asarray(batch["gen_tokens"]), masked,
               masking.gen_active(ratios), masking.clip_active(ratios))
     rngs = {"diffusion": jax.random.key(7), "dropout": jax.random.key(8)}
-    return model, params, variables["batch_stats"], inputs, rngs
+    noise = train.draw_diffusion_noise(jax.random.key(9), b, n, model.arch.diffusion_batch_mul,
+                                       model.arch.token_dim, model.arch.diffusion_steps)
+    return model, params, variables["batch_stats"], inputs, (noise, rngs)
 
 
 @pytest.mark.parametrize("variant", ["accum2", "accum4", "remat"])
 def test_grad_accumulation_and_remat_leave_loss_and_grads_unchanged(variant):
     model, params, stats, inputs, rngs = _loss_and_grads_setup()
-    ref = jax.jit(lambda p: train.loss_and_grads(model, 1, p, stats, inputs, rngs))(params)
+    noise, rngs = rngs
+    ref = jax.jit(lambda p: train.loss_and_grads(model, 1, p, stats, inputs, noise, rngs))(params)
     if variant == "remat":
         model, _, _, _, _ = _loss_and_grads_setup(remat=True)
-        out = jax.jit(lambda p: train.loss_and_grads(model, 1, p, stats, inputs, rngs))(params)
+        out = jax.jit(lambda p: train.loss_and_grads(model, 1, p, stats, inputs, noise, rngs))(params)
     else:
         steps = int(variant[-1])
-        out = jax.jit(lambda p: train.loss_and_grads(model, steps, p, stats, inputs, rngs))(params)
+        out = jax.jit(lambda p: train.loss_and_grads(model, steps, p, stats, inputs, noise, rngs))(params)
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
     for key in ("gen_loss", "clip_loss"):
         np.testing.assert_allclose(out[1][key], ref[1][key], rtol=1e-5)

@@ -24,6 +24,15 @@ from dream_jax.models.text import CLIPTextTower, GenTextAligner
 from dream_jax.objectives.contrastive import clip_loss, l2_normalize
 
 
+def draw_diffusion_noise(key, batch: int, seq_len: int, mul: int, channels: int, num_timesteps: int):
+    """Timesteps [B, N·mul] and noise [B, N·mul, C] for the diffusion loss (batch-major, so they
+    shard like the batch and slice into micro-batches by rows)."""
+    key_t, key_noise = jax.random.split(key)
+    t = jax.random.randint(key_t, (batch, seq_len * mul), 0, num_timesteps)
+    noise = jax.random.normal(key_noise, (batch, seq_len * mul, channels), jnp.float32)
+    return t, noise
+
+
 def dummy_inputs(arch: DreamArch, batch: int):
     """Zero (image tokens, CLIP tokens, generation text) of the right shapes, for init/eval_shape."""
     tokens = jnp.zeros((batch, arch.seq_len, arch.token_dim), jnp.float32)
@@ -120,27 +129,26 @@ class DreamModel(nn.Module):
     def head(self, x_t, t, z):
         return self.diffusion_head(x_t, t, z)
 
-    def diffusion_loss_terms(self, z, target, weights, example_ids=None):
+    def diffusion_loss_terms(self, z, target, weights, diffusion_noise=None):
         """(Σ weight·loss, Σ weight) of the hybrid diffusion loss per token.
 
         z [B, N, D] conditions, target [B, N, C] clean tokens, weights [B, N] (masked and
         gen-active). Each (z, x) pair is repeated `diffusion_batch_mul` times with its own
-        timestep and noise. The randomness of example i comes from fold_in(rng, example_ids[i])
-        (default: its row), so it does not depend on how the batch is split or sharded.
+        timestep and noise: `diffusion_noise` = (t [B, N·mul], noise [B, N·mul, C]) from
+        `draw_diffusion_noise`, drawn here from the 'diffusion' rng when not given (the trainer
+        draws them for the whole batch so that micro-batches see the same draws).
         """
         mul = self.arch.diffusion_batch_mul
         b, n, c = target.shape
-        if example_ids is None:
-            example_ids = jnp.arange(b)
+        if diffusion_noise is None:
+            diffusion_noise = draw_diffusion_noise(self.make_rng("diffusion"), b, n, mul, c,
+                                                   self.diffusion.num_timesteps)
+        t, noise = diffusion_noise
         # Repeat each token in place (image-major order) so the flat token axis keeps the
         # batch sharding; tiling the whole batch would put `mul` in front and replicate it.
         z_rep = nn.with_logical_constraint(jnp.repeat(z.reshape(b * n, -1), mul, axis=0), ("batch", None))
         x_rep = nn.with_logical_constraint(
             jnp.repeat(target.reshape(b * n, c), mul, axis=0).astype(jnp.float32), ("batch", None))
-        keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(self.make_rng("diffusion"), i)))(
-            example_ids)
-        t = jax.vmap(lambda k: jax.random.randint(k, (n * mul,), 0, self.diffusion.num_timesteps))(keys[:, 0])
-        noise = jax.vmap(lambda k: jax.random.normal(k, (n * mul, c), jnp.float32))(keys[:, 1])
         per_token, _ = self.diffusion.training_losses(lambda x_t, tt: self.head(x_t, tt, z_rep),
                                                       x_rep, t.reshape(-1), noise.reshape(-1, c))
         per_token = per_token.reshape(b, n, mul).mean(-1)
@@ -148,16 +156,16 @@ class DreamModel(nn.Module):
         return (per_token * w).sum(), w.sum()
 
     def generation_loss_terms(self, features, positions, visible, image_tokens, gen_text, weights,
-                              example_ids=None, deterministic=True):
+                              diffusion_noise=None, deterministic=True):
         """Aligned text → decoder → (Σ weight·loss, Σ weight) on the tokens with weight > 0."""
         ctx = self.align_text(gen_text, deterministic)
         z = self.decode(features, positions, visible, ctx, deterministic)
-        return self.diffusion_loss_terms(z, image_tokens, weights, example_ids)
+        return self.diffusion_loss_terms(z, image_tokens, weights, diffusion_noise)
 
     def generation_loss(self, features, positions, visible, image_tokens, gen_text, weights,
-                        deterministic=True):
+                        deterministic=True, diffusion_noise=None):
         total, weight = self.generation_loss_terms(features, positions, visible, image_tokens, gen_text,
-                                                   weights, None, deterministic)
+                                                   weights, diffusion_noise, deterministic)
         return total / jnp.maximum(weight, 1.0)
 
     def masked_generation_loss(self, image_tokens, gen_text, masked):
@@ -169,7 +177,7 @@ class DreamModel(nn.Module):
 
     # ---- training ------------------------------------------------------------------------
     def __call__(self, image_tokens, clip_tokens, gen_text, masked, gen_active, clip_valid,
-                 train=True):
+                 train=True, diffusion_noise=None):
         """One forward pass on ONE masked view feeding both losses.
 
         image_tokens [B, N, C]; masked [B, N] bool (True = hidden from the encoder);
@@ -184,7 +192,7 @@ class DreamModel(nn.Module):
         total = jnp.zeros((), jnp.float32)
         if self.gen_weight:
             gen = self.generation_loss(features, positions, visible, image_tokens, gen_text,
-                                       masked & gen_active[:, None], deterministic)
+                                       masked & gen_active[:, None], deterministic, diffusion_noise)
             total = total + self.gen_weight * gen
             metrics["gen_loss"] = gen
         if self.clip_weight:
