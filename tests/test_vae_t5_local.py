@@ -15,6 +15,7 @@ import pytest
 
 from dream_jax.data import cache, tokenizers
 from dream_jax.models import pretrained, t5, vae
+from dream_jax.models import tiny_weights
 from dream_jax.models.tiny_weights import TINY_T5, TINY_VAE
 from dream_jax.models.tiny_weights import random_params as _random_params
 
@@ -50,16 +51,7 @@ def _t5_state_dict(params):
         params, lambda p: pretrained.module_path_to_torch_key(p, "" if p[0] == "shared" else "encoder."))
 
 
-def _write_vae_dir(path, params, cfg=TINY_VAE):
-    os.makedirs(path, exist_ok=True)
-    n = len(cfg.block_out_channels)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"_class_name": "AutoencoderKL", "block_out_channels": list(cfg.block_out_channels),
-                   "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-                   "layers_per_block": cfg.layers_per_block, "norm_num_groups": cfg.norm_num_groups,
-                   "latent_channels": cfg.latent_channels, "scaling_factor": 0.18215}, f)
-    pretrained.write_safetensors(os.path.join(path, "diffusion_pytorch_model.safetensors"), _vae_state_dict(params))
-    return path
+_write_vae_dir = tiny_weights.write_vae_dir
 
 
 def _write_t5_dir(path, params, cfg=TINY_T5, extra=None):

@@ -48,6 +48,11 @@ def write_random_vae(path: str, cfg: vae.VAEConfig = TINY_VAE, seed: int = 0) ->
     model = vae.AutoencoderKL(cfg)
     params = random_params(model, seed, jnp.zeros((1, 2 * cfg.downsample_factor, 2 * cfg.downsample_factor,
                                                    cfg.in_channels)))
+    return write_vae_dir(path, params, cfg)
+
+
+def write_vae_dir(path: str, params, cfg: vae.VAEConfig = TINY_VAE) -> str:
+    """`params` of an AutoencoderKL(cfg) saved as a diffusers directory; returns `path`."""
     os.makedirs(path, exist_ok=True)
     n = len(cfg.block_out_channels)
     with open(os.path.join(path, "config.json"), "w") as f:
