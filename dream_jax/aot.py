@@ -49,23 +49,22 @@ class CachedLatents:
         return patchify(sample_latent(moments, rng) * self.scaling, self.patch_size)
 
 
-def paper_model(cfg):
+def paper_model(cfg, **arch_changes):
     overrides = dict(cfg.model.overrides.to_dict() if hasattr(cfg.model.overrides, "to_dict")
                      else cfg.model.overrides)
+    overrides.update(arch_changes)
     overrides.update(seq_len=256, token_dim=16, vocab_size=49408, context_length=77, eot_id=49407,
                      gen_text="t5", gen_feature_dim=1024, gen_max_length=cfg.data.gen_context)
     return DreamModel(make_arch(cfg.model.size, overrides), gen_weight=cfg.model.gen_weight,
                       clip_weight=cfg.model.clip_weight)
 
 
-def compile_for_topology(cfg, topology: str):
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    devices = topo.devices
-    shape = mesh_lib.mesh_shape(cfg.mesh, len(devices))
+def lower_step(cfg, devices, shape, **arch_changes):
+    """The train step lowered (traced, not compiled) on a (data, fsdp, tensor) mesh of devices."""
     mesh = jax.make_mesh(shape, mesh_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=devices)
     rules = mesh_lib.logical_rules(cfg.mesh)
-    model = paper_model(cfg)
+    model = paper_model(cfg, **arch_changes)
     tx = train.make_optimizer(cfg)
     b = cfg.batch_size
     batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -78,8 +77,32 @@ def compile_for_topology(cfg, topology: str):
     empty_t5 = jnp.zeros((cfg.data.gen_context, 1024), jnp.bfloat16)  # T5("") features in a real run
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         _, abstract, _, step_fn = train.jit_state_and_step(cfg, model, tx, CachedLatents(), empty_t5, mesh, rules)
-        compiled = step_fn.lower(abstract, batch).compile()
-    return compiled, devices, shape
+        return step_fn.lower(abstract, batch)
+
+
+def compile_for_topology(cfg, topology: str):
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    devices = topo.devices
+    shape = mesh_lib.mesh_shape(cfg.mesh, len(devices))
+    return lower_step(cfg, devices, shape).compile(), devices, shape
+
+
+def step_flops(cfg, compiled, num_devices: int) -> float:
+    """FLOPs of one step, all devices together.
+
+    XLA's cost analysis counts a while loop's body once, so with scan_layers the compiled
+    program under-reports by about the depth. The count then comes from the same global
+    step with unrolled blocks, lowered on one CPU device (tracing only, no compile; remat's
+    recomputation is part of that HLO too).
+    """
+    if dict(cfg.model.overrides).get("scan_layers", False):
+        cost = lower_step(cfg, jax.devices("cpu")[:1], (1, 1, 1), scan_layers=False).cost_analysis()
+        per_device = 1
+    else:
+        cost = compiled.cost_analysis()
+        per_device = num_devices
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) * per_device
 
 
 def report(cfg, topology, mfu):
@@ -96,15 +119,14 @@ def report(cfg, topology, mfu):
     kind = devices[0].device_kind
     hbm, peak = CHIPS.get(kind, (None, None))
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
+    flops = step_flops(cfg, compiled, len(devices)) / len(devices)
     args, temps, outs = mem.argument_size_in_bytes, mem.temp_size_in_bytes, mem.output_size_in_bytes
     alias = getattr(mem, "alias_size_in_bytes", 0)
     total = args + temps + outs - alias
     gib = 2.0 ** 30
     print(f"config size={cfg.model.size} global batch={cfg.batch_size} topology={topology} "
-          f"({len(devices)} × {kind}) mesh data×fsdp×tensor={shape} remat={model_remat(cfg)}")
+          f"({len(devices)} × {kind}) mesh data×fsdp×tensor={shape} remat={model_remat(cfg)} "
+          f"scan_layers={bool(dict(cfg.model.overrides).get('scan_layers', False))}")
     print(f"per-device memory: arguments {args / gib:.2f} GiB, temporaries {temps / gib:.2f} GiB, "
           f"outputs {outs / gib:.2f} GiB, aliased {alias / gib:.2f} GiB → peak ≈ {total / gib:.2f} GiB"
           + (f" of {hbm / gib:.0f} GiB HBM" if hbm else ""))

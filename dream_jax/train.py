@@ -25,6 +25,7 @@ from dream_jax import metrics as metrics_lib
 from dream_jax.data import pipeline, synthetic
 from dream_jax.data.inputs import make_inputs
 from dream_jax.evals import zero_shot
+from dream_jax.models import layers
 from dream_jax.models.build import build_model
 from dream_jax.models.dream import DreamModel, draw_diffusion_noise, dummy_inputs
 from dream_jax.models.mar import masked_mean
@@ -113,10 +114,15 @@ def learning_rate_schedule(cfg):
 
 
 def weight_decay_mask(params):
-    """Decay matrices only: no biases, norms or other 1-D/0-D params, nothing in the diffusion head."""
+    """Decay matrices only: no biases, norms or other 1-D/0-D params, nothing in the diffusion head.
+
+    Scanned blocks (layers.SCANNED in the path) carry one extra leading depth axis, which
+    does not count: a stacked bias is still a bias.
+    """
     flat = flax.traverse_util.flatten_dict(params)
     return flax.traverse_util.unflatten_dict(
-        {k: (getattr(v, "value", v).ndim >= 2 and k[0] != "diffusion_head") for k, v in flat.items()})
+        {k: (getattr(v, "value", v).ndim - (layers.SCANNED in k) >= 2 and k[0] != "diffusion_head")
+         for k, v in flat.items()})
 
 
 def make_optimizer(cfg):

@@ -87,3 +87,20 @@ def test_weights_are_sharded_under_fsdp_and_tensor(setup):
     for p in fc1:
         mu = mu[p]
     assert mu.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_scanned_weights_keep_their_sharding(setup):
+    """Under scan_layers the stacked depth axis is replicated and the weight axes shard as before."""
+    cfg, _, tx, image_tokenizer, _, _ = setup
+    cfg = small_config()
+    cfg.model.overrides = dict(cfg.model.overrides, scan_layers=True)
+    tok = train_caption_bpe(SyntheticWorld(16, "train").captions(2000), vocab_size=cfg.data.text_vocab_size)
+    model = build_model(cfg, tok, image_tokenizer)
+    mesh = jax.make_mesh((2, 2, 2), mesh_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    shardings, abstract = train.state_shardings(model, tx, 0, mesh, mesh_lib.DEFAULT_RULES)
+    fc1 = ("decoder", "blocks", "scanned", "block", "mlp", "fc1", "kernel")
+    assert _spec(shardings, *fc1) == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    node = abstract.params
+    for p in fc1:
+        node = node[p]
+    assert node.shape[0] == model.arch.depth

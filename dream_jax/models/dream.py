@@ -78,14 +78,14 @@ class DreamModel(nn.Module):
         a = self.arch
         dt = jnp.dtype(a.dtype)
         self.encoder = MAREncoder(a.width, a.depth, a.num_heads, a.mlp_dim, a.seq_len, a.buffer_size,
-                                  a.dropout, a.remat, dt)
+                                  a.dropout, a.remat, dt, scan=a.scan_layers)
         self.decoder = MARDecoder(a.width, a.depth, a.num_heads, a.mlp_dim, a.seq_len, a.buffer_size,
-                                  a.dropout, a.remat, dt)
+                                  a.dropout, a.remat, dt, scan=a.scan_layers)
         self.aligner = GenTextAligner(a.gen_text, a.gen_feature_dim, a.gen_max_length, a.width,
                                       a.aligner_depth, a.num_heads, a.mlp_dim, a.gen_vocab_size,
-                                      a.dropout, dt)
+                                      a.dropout, dt, scan=a.scan_layers)
         self.text_tower = CLIPTextTower(a.vocab_size, a.context_length, a.text_width, a.text_depth,
-                                        a.text_heads, a.embed_dim, a.eot_id, dt)
+                                        a.text_heads, a.embed_dim, a.eot_id, dt, scan=a.scan_layers)
         self.diffusion_head = DiffusionHead(in_channels=a.token_dim, width=a.head_width,
                                             depth=a.head_depth, out_channels=2 * a.token_dim, dtype=dt,
                                             remat=a.remat)

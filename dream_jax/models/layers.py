@@ -5,6 +5,7 @@ how they map onto the ('data', 'fsdp', 'tensor') mesh):
   embed  - model width        heads - attention heads     kv   - head dim
   mlp    - MLP hidden width   vocab - token vocabulary    pos  - sequence positions
   token_dim - input token channels
+  layers - the stacked depth axis of scanned blocks (Stack(scan=True))
 """
 from typing import Any, Callable, Optional
 
@@ -18,6 +19,9 @@ xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
 normal02 = nn.initializers.normal(stddev=0.02)
+
+# Name of the scanned-blocks scope; its params carry a leading "layers" (depth) axis.
+SCANNED = "scanned"
 
 
 def named(init: Callable, *names: Optional[str]) -> Callable:
@@ -156,8 +160,49 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
 
 
+def scan_param_tree(tree):
+    """A tree in the unrolled layout (.../block_0, block_1, ...) → the scanned layout
+    (.../scanned/block with every leaf stacked on a leading depth axis). Converts
+    checkpoints, gradients or masks between `scan_layers=False` and `True`.
+    """
+    if not isinstance(tree, dict):
+        return tree
+    names = [f"block_{i}" for i in range(len(tree))]
+    if tree and sorted(tree) == sorted(names):
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[n] for n in names])
+        return {SCANNED: {"block": stacked}}
+    return {k: scan_param_tree(v) for k, v in tree.items()}
+
+
+class _ScannedBlock(nn.Module):
+    """One Block in the (carry, output) form that nn.scan expects."""
+
+    num_heads: int
+    mlp_dim: int
+    cross_attention: bool
+    dropout: float
+    ln_eps: float
+    remat: bool
+    deterministic: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, context, context_mask):
+        block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
+        x = block_cls(self.num_heads, self.mlp_dim, self.cross_attention, self.dropout,
+                      self.ln_eps, self.dtype, name="block")(x, mask, context, context_mask, self.deterministic)
+        return x, None
+
+
 class Stack(nn.Module):
-    """`depth` Blocks; `remat` recomputes each block's activations in the backward pass."""
+    """`depth` Blocks; `remat` recomputes each block's activations in the backward pass.
+
+    `scan=True` runs the blocks as one `nn.scan` over weights stacked on a leading
+    "layers" axis: XLA compiles one block instead of `depth` copies, which is what
+    makes compiling the large sizes (and AOT for TPU slices) take minutes, not hours.
+    The maths is the same; the parameter tree is not (blocks/scanned/block/... with a
+    leading depth axis instead of blocks/block_0, block_1, ...).
+    """
 
     depth: int
     num_heads: int
@@ -167,9 +212,18 @@ class Stack(nn.Module):
     ln_eps: float = 1e-6
     remat: bool = False
     dtype: Dtype = jnp.float32
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None, context=None, context_mask=None, deterministic=True):
+        if self.scan:
+            scanned = nn.scan(_ScannedBlock, variable_axes={"params": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(self.num_heads, self.mlp_dim, self.cross_attention, self.dropout, self.ln_eps,
+                           self.remat, deterministic, self.dtype, name=SCANNED)(x, mask, context, context_mask)
+            return x
         block_cls = nn.remat(Block, static_argnums=(5,)) if self.remat else Block
         for i in range(self.depth):
             x = block_cls(self.num_heads, self.mlp_dim, self.cross_attention, self.dropout,

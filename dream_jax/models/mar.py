@@ -46,6 +46,7 @@ class MAREncoder(nn.Module):
     dropout: float = 0.0
     remat: bool = False
     dtype: Dtype = jnp.float32
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, valid, deterministic=True):
@@ -69,7 +70,7 @@ class MAREncoder(nn.Module):
         valid_all = jnp.concatenate([jnp.ones((batch, self.buffer_size), bool), valid], axis=1)
         x = layers.layer_norm(1e-6, self.dtype, name="input_norm")(x)
         x = layers.Stack(self.depth, self.num_heads, self.mlp_dim, dropout=self.dropout,
-                         remat=self.remat, dtype=self.dtype, name="blocks")(
+                         remat=self.remat, dtype=self.dtype, scan=self.scan, name="blocks")(
             x, key_mask(valid_all), deterministic=deterministic)
         x = layers.layer_norm(1e-6, self.dtype, name="final_norm")(x)
         return x, valid_all
@@ -93,6 +94,7 @@ class MARDecoder(nn.Module):
     dropout: float = 0.0
     remat: bool = False
     dtype: Dtype = jnp.float32
+    scan: bool = False
 
     @nn.compact
     def __call__(self, encoded, positions, valid, text_ctx, deterministic=True):
@@ -115,7 +117,7 @@ class MARDecoder(nn.Module):
         canvas = canvas + layers.learned_positions(self, "pos_embed", total, self.width).astype(self.dtype)
         canvas = layers.layer_norm(1e-6, self.dtype, name="input_norm")(canvas)
         canvas = layers.Stack(self.depth, self.num_heads, self.mlp_dim, cross_attention=True,
-                              dropout=self.dropout, remat=self.remat, dtype=self.dtype, name="blocks")(
+                              dropout=self.dropout, remat=self.remat, dtype=self.dtype, scan=self.scan, name="blocks")(
             canvas, None, text_ctx, None, deterministic=deterministic)
         canvas = layers.layer_norm(1e-6, self.dtype, name="final_norm")(canvas)
         z = canvas[:, self.buffer_size:]

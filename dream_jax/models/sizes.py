@@ -60,6 +60,7 @@ class DreamArch:
     gen_feature_dim: int = 1024   # T5-Large width, or the learned embedding width
     gen_max_length: int = 128
     remat: bool = False
+    scan_layers: bool = False     # nn.scan over blocks (fast compiles at large depth; other param tree)
     dtype: str = "float32"        # compute dtype; params stay float32
     diffusion_batch_mul: int = 4
     diffusion_steps: int = 1000

@@ -25,6 +25,7 @@ class CLIPTextTower(nn.Module):
     embed_dim: int
     eot_id: int
     dtype: Dtype = jnp.float32
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens):
@@ -38,7 +39,7 @@ class CLIPTextTower(nn.Module):
         x = x + layers.learned_positions(self, "pos_embed", self.context_length, self.width).astype(self.dtype)
         causal = jnp.tril(jnp.ones((self.context_length, self.context_length), bool))[None, None]
         x = layers.Stack(self.depth, self.num_heads, 4 * self.width, ln_eps=1e-5, dtype=self.dtype,
-                         name="blocks")(x, causal)
+                         scan=self.scan, name="blocks")(x, causal)
         x = layers.layer_norm(1e-5, self.dtype, name="final_norm")(x)
         pooled = jnp.take_along_axis(x, eot_positions(tokens, self.eot_id)[:, None, None], axis=1)[:, 0]
         return layers.dense(self.embed_dim, "embed", None, use_bias=False, dtype=self.dtype,
@@ -64,6 +65,7 @@ class GenTextAligner(nn.Module):
     vocab_size: int = 0
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    scan: bool = False
 
     @nn.compact
     def __call__(self, gen_text, deterministic=True):
@@ -87,4 +89,4 @@ class GenTextAligner(nn.Module):
         x = x + layers.learned_positions(self, "pos_embed", self.max_length, self.width)[:, :length].astype(self.dtype)
         x = layers.layer_norm(1e-6, self.dtype, name="input_norm")(x)
         return layers.Stack(self.depth, self.num_heads, self.mlp_dim, dropout=self.dropout,
-                            dtype=self.dtype, name="blocks")(x, deterministic=deterministic)
+                            dtype=self.dtype, scan=self.scan, name="blocks")(x, deterministic=deterministic)

@@ -29,6 +29,7 @@ DEFAULT_RULES = (
     ("token_dim", None),
     ("text_feature", None),
     ("cond", None),
+    ("layers", None),       # depth axis of scanned blocks: every device holds every layer's shard
 )
 
 
