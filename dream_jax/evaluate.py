@@ -85,6 +85,7 @@ class EvalOptions:
     num_generate: int = 256
     sample_modes: Sequence[str] = ("plain", "sad")
     cfg: float = 3.0
+    cfg_schedule: str = "linear"
     num_iter: int = 64
     diffusion_steps: str = "100"
     sad_candidates: int = 5
@@ -264,7 +265,8 @@ class WorkdirEvaluator:
             sad_step = o.sad_step
             if sad_step is not None and float(sad_step).is_integer() and sad_step >= 1:
                 sad_step = int(sad_step)
-            settings = dict(cfg=o.cfg, num_iter=o.num_iter, diffusion_steps=o.diffusion_steps,
+            settings = dict(cfg=o.cfg, cfg_schedule=o.cfg_schedule, num_iter=o.num_iter,
+                            diffusion_steps=o.diffusion_steps,
                             temperature=o.temperature, sad_candidates=o.sad_candidates,
                             sad_step=sad_step, seed=o.gen_seed, batch_size=o.gen_batch)
             fns = {m: suite.generator_fn(self.generator, m, **settings) for m in o.sample_modes}
@@ -455,6 +457,7 @@ def _define_flags():
     F.DEFINE_integer("num_generate", d.num_generate, "Held-out prompts to generate for.")
     F.DEFINE_list("sample_modes", list(d.sample_modes), "Decoding modes (plain, sad, greedy, best_of_k).")
     F.DEFINE_float("cfg", d.cfg, "Guidance scale.")
+    F.DEFINE_enum("cfg_schedule", d.cfg_schedule, ["linear", "constant"], "How the guidance scale grows.")
     F.DEFINE_integer("num_iter", d.num_iter, "MAR iterations.")
     F.DEFINE_string("diffusion_steps", d.diffusion_steps, "Diffusion-head respacing.")
     F.DEFINE_integer("sad_candidates", d.sad_candidates, "SAD candidates.")
@@ -482,6 +485,7 @@ def options_from_flags() -> EvalOptions:
         probe_warmup_epochs=FL.probe_warmup_epochs, probe_optimizer=FL.probe_optimizer,
         probe_tfds=FL.probe_tfds, probe_data_dir=FL.probe_data_dir, baselines=tuple(FL.baselines),
         num_generate=FL.num_generate, sample_modes=tuple(FL.sample_modes), cfg=FL.cfg,
+        cfg_schedule=FL.cfg_schedule,
         num_iter=FL.num_iter, diffusion_steps=FL.diffusion_steps, sad_candidates=FL.sad_candidates,
         sad_step=None if FL.sad_step in (None, "") else float(FL.sad_step), temperature=FL.temperature, gen_batch=FL.gen_batch, gen_seed=FL.gen_seed,
         inception_weights=FL.inception_weights, fid_reference=FL.fid_reference,
