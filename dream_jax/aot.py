@@ -90,13 +90,16 @@ def compile_for_topology(cfg, topology: str):
 def step_flops(cfg, compiled, num_devices: int) -> float:
     """FLOPs of one step, all devices together.
 
-    XLA's cost analysis counts a while loop's body once, so with scan_layers the compiled
-    program under-reports by about the depth. The count then comes from the same global
-    step with unrolled blocks, lowered on one CPU device (tracing only, no compile; remat's
-    recomputation is part of that HLO too).
+    XLA's cost analysis counts a while loop's body once, so with scan_layers or gradient
+    accumulation the compiled program under-reports. The count then comes from the same
+    global step with every loop unrolled, lowered on one CPU device (tracing only, no
+    compile; remat's recomputation is part of that HLO too).
     """
-    if dict(cfg.model.overrides).get("scan_layers", False):
-        cost = lower_step(cfg, jax.devices("cpu")[:1], (1, 1, 1), scan_layers=False).cost_analysis()
+    if dict(cfg.model.overrides).get("scan_layers", False) or cfg.get("grad_accum_steps", 1) > 1:
+        unrolled = cfg.copy_and_resolve_references()
+        with unrolled.unlocked():
+            unrolled.unroll_accum = True
+        cost = lower_step(unrolled, jax.devices("cpu")[:1], (1, 1, 1), scan_layers=False).cost_analysis()
         per_device = 1
     else:
         cost = compiled.cost_analysis()
@@ -113,7 +116,7 @@ def report(cfg, topology, mfu):
             raise
         print(f"DOES NOT FIT: size={cfg.model.size} global batch={cfg.batch_size} on {topology} "
               f"(remat={model_remat(cfg)}): {str(err).splitlines()[0]}\n"
-              f"Try --config.model.overrides.remat=True, more fsdp (--config.mesh.fsdp=…), or a smaller batch.",
+              f"Try {fit_hints(cfg)}.",
               file=sys.stderr)
         return False, None
     kind = devices[0].device_kind
@@ -140,8 +143,16 @@ def report(cfg, topology, mfu):
               f"({total_h / 24:.1f} days)")
     if not fits:
         print(f"DOES NOT FIT: needs {total / gib:.2f} GiB per device, the chip has {hbm / gib:.0f} GiB. "
-              f"Try --config.model.overrides.remat=True, more fsdp, or a smaller batch.", file=sys.stderr)
+              f"Try {fit_hints(cfg)}.", file=sys.stderr)
     return fits, dict(args=args, temps=temps, outs=outs, alias=alias, total=total, flops=flops)
+
+
+def fit_hints(cfg) -> str:
+    """What to change when the step does not fit, leaving out levers already pulled."""
+    hints = [] if model_remat(cfg) else ["--config.model.overrides.remat=True"]
+    hints.append("sharding weights and optimizer state (e.g. --config.mesh.data=8 --config.mesh.fsdp=8)")
+    hints.append("--config.grad_accum_steps=K or a smaller batch")
+    return ", ".join(hints)
 
 
 def model_remat(cfg):

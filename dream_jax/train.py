@@ -175,13 +175,16 @@ def jit_state_and_step(cfg, model, tx, image_tokenizer, empty_gen_tokens, mesh, 
 # =============================================================================================
 # Step: masking and gating, one forward pass feeding both losses, AdamW, EMA.
 # =============================================================================================
-def loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, noise, rngs):
+def loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, noise, rngs,
+                   unroll_accum: bool = False):
     """(loss, metrics, new batch stats, grads) of one batch; in micro-batches if accum_steps > 1.
 
     `noise` = (t, noise) of the diffusion loss for the whole batch (`draw_diffusion_noise`).
+    `unroll_accum` unrolls the micro-batch loops (same maths; used to count FLOPs, see aot.py).
     """
     if accum_steps > 1:
-        return accumulated_loss_and_grads(model, accum_steps, params, batch_stats, inputs, noise, rngs)
+        return accumulated_loss_and_grads(model, accum_steps, params, batch_stats, inputs, noise, rngs,
+                                          unroll=unroll_accum)
 
     def loss_fn(p):
         (loss, metrics), updates = model.apply({"params": p, "batch_stats": batch_stats}, *inputs,
@@ -194,7 +197,7 @@ def loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inp
 
 
 def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batch_stats, inputs, noise,
-                               rngs):
+                               rngs, unroll: bool = False):
     """The loss and gradients of the whole batch, computed over `accum_steps` micro-batches.
 
     Equal to the one-pass computation (up to float summation order, and dropout masks,
@@ -231,7 +234,9 @@ def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batc
     clip_grads = jax.tree.map(jnp.zeros_like, params)
     clip = jnp.zeros((), jnp.float32)
     if model.clip_weight:
-        pooled = merge(jax.lax.map(lambda mb: pooled_features(params, mb), per_micro))
+        _, pooled = jax.lax.scan(lambda c, mb: (c, pooled_features(params, mb)), None, per_micro,
+                                 unroll=unroll)
+        pooled = merge(pooled)
 
         def clip_fn(p, pooled):
             (loss, clip_metrics), updates = model.apply(
@@ -264,7 +269,8 @@ def accumulated_loss_and_grads(model: DreamModel, accum_steps: int, params, batc
         return (jax.tree.map(jnp.add, grad_sum, grads), gen_sum + gen), None
 
     per_micro["pooled_grad"] = pooled_grad
-    (grads, gen_total), _ = jax.lax.scan(micro_step, (clip_grads, jnp.zeros((), jnp.float32)), per_micro)
+    (grads, gen_total), _ = jax.lax.scan(micro_step, (clip_grads, jnp.zeros((), jnp.float32)), per_micro,
+                                         unroll=unroll)
     gen = gen_total / weight_total
     if model.gen_weight:
         metrics["gen_loss"] = gen
@@ -279,6 +285,7 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
     ema_decay = cfg.optim.ema_decay
     lr_fn = learning_rate_schedule(cfg)
     accum_steps = cfg.get("grad_accum_steps", 1)
+    unroll_accum = cfg.get("unroll_accum", False)   # set only by aot.py's FLOP count
 
     def train_step(state: TrainState, batch):
         batch_size = batch["clip_tokens"].shape[0]
@@ -305,7 +312,8 @@ def make_train_step(cfg, model: DreamModel, tx, image_tokenizer, empty_gen_token
                                      model.arch.token_dim, model.arch.diffusion_steps)
         rngs = {"diffusion": k_diff, "dropout": k_dropout}
         loss, metrics, batch_stats, grads = loss_and_grads(model, accum_steps, state.params,
-                                                           state.batch_stats, inputs, noise, rngs)
+                                                           state.batch_stats, inputs, noise, rngs,
+                                                           unroll_accum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params)
