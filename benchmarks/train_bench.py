@@ -2,10 +2,17 @@
 
     python benchmarks/train_bench.py                       # tiny (default batch) and B (batch 8)
     python benchmarks/train_bench.py --sizes=tiny --steps=20
+    python benchmarks/train_bench.py --sizes=B --steps=2 --profile   # + where the step's time goes
 
 The peak is measured in the same run (a large f32 matmul), so the ratio is
 robust to how fast or busy the machine is.
 """
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
 import time
 
 import flax.linen as nn
@@ -27,7 +34,64 @@ flags.DEFINE_list("sizes", ["tiny", "B"], "Model sizes to time.")
 flags.DEFINE_integer("steps", 10, "Timed steps per size (after one warm-up step).")
 flags.DEFINE_integer("b_batch", 8, "Batch size for the paper sizes.")
 flags.DEFINE_integer("b_image_size", 64, "Image size for paper sizes (patch 4 → (size/4)^2 tokens).")
+flags.DEFINE_bool("profile", False, "Trace one more step and print its time per kind of XLA op.")
 FLAGS = flags.FLAGS
+
+
+def _matmul_ops(hlo_text: str) -> set:
+    """Names of the instructions that are, or call a computation containing, a dot/convolution."""
+    bodies, calls, current = collections.defaultdict(str), [], None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = header.group(1)
+            continue
+        if current is None:
+            continue
+        bodies[current] += line + "\n"
+        inst = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        for callee in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+            if inst:
+                calls.append((inst.group(1), callee))
+    has_dot = {c for c, body in bodies.items() if re.search(r" (dot|convolution)\(", body)}
+    names = set(has_dot)
+    for c, body in bodies.items():
+        for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]* (dot|convolution)\(", body, re.M):
+            names.add(m.group(1))
+    names.update(inst for inst, callee in calls if callee in has_dot)
+    return names
+
+
+def op_kind(name: str, matmuls: set) -> str:
+    if name in matmuls:
+        return "matmul (dot/conv, with fused epilogues)"
+    if re.search(r"copy|transpose|gather|scatter|slice|concatenate|pad|bitcast|broadcast\.", name):
+        return "data movement (copy/transpose/gather/scatter/slice)"
+    if "reduce" in name:
+        return "reductions (softmax/LN statistics, sums)"
+    if "fusion" in name:
+        return "other fused element-wise (softmax, LN, adaLN, GELU, optimizer)"
+    return "other"
+
+
+def profile_step(compiled, state, batch):
+    """Time per kind of op in one traced step (CPU time summed over threads)."""
+    matmuls = _matmul_ops(compiled.as_text())
+    trace_dir = tempfile.mkdtemp(prefix="train_bench_trace_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+    events = json.load(gzip.open(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    hlo_names = set(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", compiled.as_text(), re.M))
+    per_kind = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in hlo_names:
+            per_kind[op_kind(e["name"], matmuls)] += e.get("dur", 0.0)
+    total = sum(per_kind.values())
+    for kind, us in per_kind.most_common():
+        print(f"    {kind:<66}{us / 1e6:>8.2f} s{us / total:>7.1%}")
+    return state
 
 
 def matmul_peak(n=2048, reps=10):
@@ -74,6 +138,9 @@ def bench(size, batch, image_size, steps):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t) / steps
+        if FLAGS.profile:
+            print(f"  {size}: time per kind of XLA op in one step")
+            state = profile_step(compiled, state, batch)
     params = sum(x.size for x in jax.tree.leaves(state.params))
     return dict(size=size, batch=cfg.batch_size, params=params, step_s=dt,
                 images_per_s=cfg.batch_size / dt, flops=flops)
