@@ -404,8 +404,10 @@ class Evaluator:
         if self.generator is not None:
             from dream_jax.sample import make_grid
             self.generator.variables = variables
-            out = self.generator.generate(self.sample_prompts, mode="plain", num_iter=self.cfg.eval.sample_iters,
-                                          diffusion_steps=self.cfg.eval.sample_diffusion_steps, seed=0)
+            e = self.cfg.eval
+            out = self.generator.generate(self.sample_prompts, mode="plain", num_iter=e.sample_iters,
+                                          diffusion_steps=e.sample_diffusion_steps, cfg=e.get("sample_cfg", 3.0),
+                                          cfg_schedule=e.get("sample_cfg_schedule", "linear"), seed=0)
             cols = int(np.ceil(np.sqrt(len(out.images))))
             self.last_grid = make_grid(out.images, int(np.ceil(len(out.images) / cols)), cols)
         return results
