@@ -91,7 +91,7 @@ def test_weights_are_sharded_under_fsdp_and_tensor(setup):
 
 def test_scanned_weights_keep_their_sharding(setup):
     """Under scan_layers the stacked depth axis is replicated and the weight axes shard as before."""
-    cfg, _, tx, image_tokenizer, _, _ = setup
+    _, _, tx, image_tokenizer, _, _ = setup
     cfg = small_config()
     cfg.model.overrides = dict(cfg.model.overrides, scan_layers=True)
     tok = train_caption_bpe(SyntheticWorld(16, "train").captions(2000), vocab_size=cfg.data.text_vocab_size)
