@@ -6,15 +6,15 @@ No downloads: images (32×32) and captions are generated from their index, the
 caption tokenizer is trained in the workdir at start-up. Re-running the same
 command resumes from the last checkpoint.
 
-Measured on this project's 2-core CPU machine (2026-12-04, JAX 0.10.2, the command above,
-1200 steps of batch 64): 12 min 13 s wall, 113 images/s. Held-out results (256 examples,
-EMA weights): zero-shot colour accuracy 0.836, shape accuracy 0.316 (target 0.5: NOT yet met),
-image→text R@1 0.223 / R@5 0.742, text→image R@1 0.215 / R@5 0.711 among 256, held-out
-generative loss (mask ratio 0.7) 1.533 at step 0 → 0.073 at step 1200.
-The CLIP ablation (tiny_clip.py, same steps) also reaches shape 0.316: see the README.
-Generation on 256 held-out prompts (16 iterations, ddim25, constant cfg 5): colour match 0.711
-plain, 0.684 with SAD (K=5, threshold 8/16); shape match 0.445 / 0.441; colour+shape 0.250 /
-0.273; own-branch CLIP score 48.1 plain → 56.5 with SAD (real images: 78.9).
+Measured on this project's 2-core CPU machine (2026-12-05, JAX 0.10.2, the command above,
+1200 steps of batch 64): 11 min 58 s wall, 117 images/s. Held-out results (256 examples,
+EMA weights): zero-shot colour accuracy 0.805, shape accuracy 0.309 (target 0.5: NOT met),
+image→text R@1 0.250 / R@5 0.715, text→image R@1 0.230 / R@5 0.746 among 256, held-out
+generative loss (mask ratio 0.7) 1.678 at step 0 → 0.072 at step 1200.
+The CLIP ablation (tiny_clip.py, same steps) also reaches only shape 0.316: see the README.
+Generation on 256 held-out prompts (16 iterations, ddim25, constant cfg 5): colour match 0.645
+plain, 0.625 with SAD (K=5, threshold 8/16); shape match 0.445 / 0.406; colour+shape 0.207 /
+0.227; own-branch CLIP score 43.9 plain → 52.2 with SAD (real images: 78.9).
 """
 import ml_collections
 
