@@ -71,6 +71,11 @@ def _check_keys(noise_keys, rows: int):
     return noise_keys.shape[1]
 
 
+def _check_threshold(sampler: MARSampler, threshold: int):
+    if not 1 <= threshold <= sampler.num_iter:
+        raise ValueError(f"threshold={threshold} must lie in [1, {sampler.num_iter}]")
+
+
 def _repeat(a, k):
     return jnp.repeat(jnp.asarray(a), k, axis=0)
 
@@ -85,8 +90,7 @@ def sad(sampler: MARSampler, variables, order_keys, noise_keys, gen_tokens, clip
     """SAD: K trajectories per row up to ``threshold`` iterations, keep the best, finish it."""
     b = gen_tokens.shape[0]
     k = _check_keys(noise_keys, b)
-    if not 1 <= threshold <= sampler.num_iter:
-        raise ValueError(f"threshold={threshold} must lie in [1, {sampler.num_iter}]")
+    _check_threshold(sampler, threshold)
     temp = np.float32(temperature)
     prefix = sampler.run(variables, sampler.empty_canvas(b * k), _repeat(order_keys, k),
                          noise_keys.reshape(b * k), _repeat(gen_tokens, k), empty_tokens, schedule,
@@ -107,8 +111,7 @@ def greedy(sampler: MARSampler, variables, order_keys, noise_keys, gen_tokens, c
     """Per-step greedy SAD up to ``threshold`` iterations, then plain decoding."""
     b = gen_tokens.shape[0]
     k = _check_keys(noise_keys, b)
-    if not 1 <= threshold <= sampler.num_iter:
-        raise ValueError(f"threshold={threshold} must lie in [1, {sampler.num_iter}]")
+    _check_threshold(sampler, threshold)
     temp = np.float32(temperature)
     text = sampler.text_embed(variables, jnp.asarray(clip_tokens))
     canvas, scores, chosen = sampler.greedy(variables, sampler.empty_canvas(b), order_keys, noise_keys,
