@@ -40,9 +40,12 @@ def get_config(arg=None):
     # entry is spelled out so that any field can be changed from the command line,
     # e.g. --config.model.overrides.depth=2.
     # Two diffusion repeats per token instead of the paper's four halve the head's cost, which
-    # dominates this small model's step.
+    # dominates this small model's step. pos_init='sincos': the image position tables start as
+    # 2-D sin-cos instead of N(0, 0.02) (still learned); in 1200 steps the decoder otherwise
+    # barely learns where things are (README: plain colour match 0.645 → 0.793).
     c.model.overrides = ml_collections.ConfigDict(dict(SIZES["tiny"], gen_feature_dim=128, remat=False,
-                                                       dtype="float32", diffusion_batch_mul=2))
+                                                       dtype="float32", diffusion_batch_mul=2,
+                                                       pos_init="sincos"))
 
     # kind 'patch' (pixels) or 'sd_vae' (needs vae_path; see configs/tiny_sd_vae.py).
     c.tokenizer = ml_collections.ConfigDict(dict(kind="patch", patch_size=4, vae_path=""))

@@ -151,7 +151,7 @@ def test_match_rate(real32):
     batch = sw.collate_labels(labels)
     rates = ar.match_rates(images, batch)
     print("match rates on real images:", {k: round(v, 4) for k, v in rates.items()})
-    for k in ("colour", "shape", "colour+shape", "count", "relation", "both"):
+    for k in ("colour", "shape", "colour+shape", "main_colour", "main_shape", "count", "relation", "both"):
         assert rates[k] >= 0.95, (k, rates)
     assert ar.match_rate(images, labels, "colour") == rates["colour"]   # list of dicts too
     # Wrong prompts must not match: single-object images, colour changed.
@@ -160,10 +160,28 @@ def test_match_rate(real32):
     wrong["colour"] = (wrong["colour"] + 3) % len(sw.COLOURS)
     assert ar.match_rate(images[single], wrong, "colour") <= 0.02
     assert ar.match_rate(images[single], wrong, "colour+shape") <= 0.02
+    assert ar.match_rate(images[single], wrong, "main_colour") <= 0.02
     assert ar.match_rate(images[single], wrong, "shape") >= 0.95          # shape unchanged
     wrong_shape = {k: v[single].copy() for k, v in batch.items()}
     wrong_shape["shape"] = (wrong_shape["shape"] + 1) % len(sw.SHAPES)
     assert ar.match_rate(images[single], wrong_shape, "shape") <= 0.05
+    assert ar.match_rate(images[single], wrong_shape, "main_shape") <= 0.05
+    # A stray speck of the prompt's colour matches `colour` but not `main_colour`.
+    i = int(np.flatnonzero(single)[0])
+    lab = {k: v[i] for k, v in batch.items()}
+    other = (lab["colour"] + 1) % len(sw.COLOURS)
+    speck = images[i].copy()
+    box = ar.read_attributes(images[i:i + 1])[0][0]["bbox"]
+    y = 0 if box[1] > 8 else 28                                   # a corner away from the object
+    speck[y:y + 3, 0:3] = sw.PALETTE[lab["colour"]]
+    recoloured = dict(lab, colour=other)
+    assert ar.match_flags(speck, [lab], "colour")[0] == 1.0
+    objs = ar.read_attributes(speck[None])[0]
+    assert len(objs) == 2 and objs[0]["colour"] == lab["colour"]     # the real object is largest
+    assert ar.match_flags(speck, [recoloured], "colour")[0] == 0.0
+    speck[y:y + 3, 0:3] = sw.PALETTE[other]
+    assert ar.match_flags(speck, [recoloured], "colour")[0] == 1.0     # any blob
+    assert ar.match_flags(speck, [recoloured], "main_colour")[0] == 0.0  # not the object
     # Flipped relations on two-object images.
     pair = ~single
     flipped = {k: v[pair].copy() for k, v in batch.items()}

@@ -146,6 +146,10 @@ def test_bad_arguments_name_the_value():
         make_arch("tiny", dict(TINY, num_heads=5))
     with pytest.raises(ValueError, match="unknown model field"):
         make_arch("tiny", {"widht": 3})
+    with pytest.raises(ValueError, match="pos_init='learned'"):
+        make_arch("tiny", dict(TINY, pos_init="learned"))
+    with pytest.raises(ValueError, match="square token grid, got seq_len=12"):
+        make_arch("tiny", dict(TINY, seq_len=12, pos_init="sincos"))
     model, variables = init_tiny()
     params = nn.unbox(variables)
     tokens, _, _ = tiny_inputs()
@@ -153,3 +157,24 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match=r"positions shape \(8, 5\)"):
         model.apply(params, tokens, positions, jnp.ones((B, TINY["seq_len"]), bool),
                     method=DreamModel.encode_image)
+
+
+def test_sincos_position_init():
+    """pos_init='sincos': every image position table starts as the 2-D sin-cos grid (buffer
+    rows at zero), differs from MAR's N(0, 0.02) start; the tables are ordinary parameters (trained)."""
+    from dream_jax.models.layers import sincos_2d
+    _, variables = init_tiny(pos_init="sincos")
+    params = nn.unbox(variables)["params"]
+    grid = sincos_2d(4, TINY["width"])
+    # Neighbouring grid cells are more alike than distant ones (what the init is for).
+    sim = grid @ grid.T
+    assert sim[0, 1] > sim[0, 15]
+    tables = {"encoder": params["encoder"]["pos_embed"][0], "decoder": params["decoder"]["pos_embed"][0],
+              "diffusion": params["decoder"]["diffusion_pos_embed"][0]}
+    for name, table in tables.items():
+        table = np.asarray(table)
+        np.testing.assert_allclose(table[-16:], grid, atol=1e-6, err_msg=name)
+        assert not np.any(table[:-16]), name
+    _, normal = init_tiny()
+    assert np.asarray(nn.unbox(normal)["params"]["encoder"]["pos_embed"]).std() < 0.05
+

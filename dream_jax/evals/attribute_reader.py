@@ -37,13 +37,16 @@ FG_THRESHOLD = 48.0
 SIZE_THRESHOLD = 0.16   # half-extent / side separating small from large
 _PALETTE_F = PALETTE.astype(np.float32)
 
-MATCH_ATTRIBUTES = ("colour", "shape", "colour+shape", "size", "position", "count",
-                    "relation", "both")
+MATCH_ATTRIBUTES = ("colour", "shape", "colour+shape", "main_colour", "main_shape", "size",
+                    "position", "count", "relation", "both")
 """What ``match_flags`` can score, for each image against its labels:
 
 * ``colour``: some detected object has the primary colour;
 * ``shape``: some detected object has the primary shape;
 * ``colour+shape``: one detected object has both;
+* ``main_colour`` / ``main_shape``: the primary colour / shape is that of one of the
+  ``num_objects`` LARGEST detected objects (the object(s) the prompt asks for), so stray
+  blobs in a noisy generated image cannot make the match (``colour`` counts any blob);
 * ``size``: an object with the primary colour+shape has the primary size;
 * ``position``: an object with the primary colour+shape lies in the primary
   position bin (only examples with ``pos_clear`` == 1 are scored);
@@ -277,6 +280,9 @@ def _flag(objs: List[Dict[str, Any]], lab: Mapping[str, int], attribute: str) ->
         return float(any(o["shape"] == s for o in objs))
     if attribute == "colour+shape":
         return float(bool(_find(objs, c, s)))
+    if attribute in ("main_colour", "main_shape"):
+        key, want = ("colour", c) if attribute == "main_colour" else ("shape", s)
+        return float(any(o[key] == want for o in objs[: 2 if two else 1]))
     if attribute == "size":
         if lab.get("size", -1) < 0:
             return float("nan")

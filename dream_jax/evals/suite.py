@@ -249,7 +249,7 @@ def eval_clip_score(enc: ModelEncoders, images_by_name: Mapping[str, np.ndarray]
 # =============================================================================================
 # 6. Compositional accuracy (synthetic world).
 # =============================================================================================
-COMPOSITIONAL_ATTRIBUTES = ("colour", "shape", "colour+shape")
+COMPOSITIONAL_ATTRIBUTES = ("colour", "shape", "colour+shape", "main_colour", "main_shape", "count")
 
 
 def eval_compositional(images_by_name: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],

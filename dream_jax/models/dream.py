@@ -11,6 +11,8 @@ sampling, SAD and the evals all use these and nothing else:
   head(x_t, t, z)                             -> diffusion head output [.., 2C]
   __call__(...)                               -> (loss, metrics) for training
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -77,10 +79,11 @@ class DreamModel(nn.Module):
     def setup(self):
         a = self.arch
         dt = jnp.dtype(a.dtype)
+        grid = math.isqrt(a.seq_len) if a.pos_init == "sincos" else 0
         self.encoder = MAREncoder(a.width, a.depth, a.num_heads, a.mlp_dim, a.seq_len, a.buffer_size,
-                                  a.dropout, a.remat, dt, scan=a.scan_layers)
+                                  a.dropout, a.remat, dt, scan=a.scan_layers, sincos_grid=grid)
         self.decoder = MARDecoder(a.width, a.depth, a.num_heads, a.mlp_dim, a.seq_len, a.buffer_size,
-                                  a.dropout, a.remat, dt, scan=a.scan_layers)
+                                  a.dropout, a.remat, dt, scan=a.scan_layers, sincos_grid=grid)
         self.aligner = GenTextAligner(a.gen_text, a.gen_feature_dim, a.gen_max_length, a.width,
                                       a.aligner_depth, a.num_heads, a.mlp_dim, a.gen_vocab_size,
                                       a.dropout, dt, scan=a.scan_layers)

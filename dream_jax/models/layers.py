@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -54,9 +55,39 @@ def layer_norm(eps: float, dtype=jnp.float32, name=None, affine=True):
     )
 
 
-def learned_positions(module: nn.Module, name: str, length: int, width: int):
-    """A learned [1, length, width] position table, N(0, 0.02) as in MAE/MAR."""
-    return module.param(name, named(normal02, None, "pos", "embed"), (1, length, width))
+def learned_positions(module: nn.Module, name: str, length: int, width: int, sincos_grid: int = 0):
+    """A learned [1, length, width] position table, N(0, 0.02) as in MAE/MAR.
+
+    ``sincos_grid`` > 0: initialise the last grid² rows with 2-D sin-cos positions of a
+    grid × grid raster instead (the first rows, buffer slots, start at zero); still learned.
+    """
+    init = normal02 if not sincos_grid else _sincos_init(sincos_grid)
+    return module.param(name, named(init, None, "pos", "embed"), (1, length, width))
+
+
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+    """[grid², width] 2-D sin-cos positions (row half, column half), raster order."""
+    if width % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {width}")
+    q = width // 4
+    omega = 1.0 / 10000 ** (np.arange(q) / q)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+
+    def enc(p):
+        a = p.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(a), np.cos(a)], axis=1)
+
+    return np.concatenate([enc(rows), enc(cols)], axis=1).astype(np.float32)
+
+
+def _sincos_init(grid: int):
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        length, width = shape[1], shape[2]
+        table = np.zeros((length, width), np.float32)
+        table[length - grid * grid:] = sincos_2d(grid, width)
+        return jnp.asarray(table, dtype)[None]
+    return init
 
 
 def _xavier_heads(key, shape, dtype=jnp.float32):

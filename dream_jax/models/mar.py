@@ -47,6 +47,7 @@ class MAREncoder(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     scan: bool = False
+    sincos_grid: int = 0      # > 0: position tables start as 2-D sin-cos (layers.learned_positions)
 
     @nn.compact
     def __call__(self, tokens, positions, valid, deterministic=True):
@@ -62,7 +63,8 @@ class MAREncoder(nn.Module):
         class_vec = self.param("class_vector", layers.named(layers.normal02, None, "embed"),
                                (1, self.width))
         buffer = jnp.broadcast_to(class_vec.astype(self.dtype), (batch, self.buffer_size, self.width))
-        pos_table = layers.learned_positions(self, "pos_embed", self.buffer_size + self.seq_len, self.width)
+        pos_table = layers.learned_positions(self, "pos_embed", self.buffer_size + self.seq_len, self.width,
+                                             self.sincos_grid)
         pos_table = pos_table[0].astype(self.dtype)
         x = x + jnp.take(pos_table, self.buffer_size + positions, axis=0)
         buffer = buffer + pos_table[None, : self.buffer_size]
@@ -95,6 +97,7 @@ class MARDecoder(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     scan: bool = False
+    sincos_grid: int = 0
 
     @nn.compact
     def __call__(self, encoded, positions, valid, text_ctx, deterministic=True):
@@ -114,12 +117,13 @@ class MARDecoder(nn.Module):
             [jnp.broadcast_to(jnp.arange(self.buffer_size), (batch, self.buffer_size)), slots], axis=1)
         canvas = jnp.broadcast_to(mask_token, (batch, total, self.width))
         canvas = jax.vmap(lambda c, s, v: c.at[s].set(v, mode="drop"))(canvas, slots, x)
-        canvas = canvas + layers.learned_positions(self, "pos_embed", total, self.width).astype(self.dtype)
+        canvas = canvas + layers.learned_positions(self, "pos_embed", total, self.width, self.sincos_grid).astype(self.dtype)
         canvas = layers.layer_norm(1e-6, self.dtype, name="input_norm")(canvas)
         canvas = layers.Stack(self.depth, self.num_heads, self.mlp_dim, cross_attention=True,
                               dropout=self.dropout, remat=self.remat, dtype=self.dtype, scan=self.scan, name="blocks")(
             canvas, None, text_ctx, None, deterministic=deterministic)
         canvas = layers.layer_norm(1e-6, self.dtype, name="final_norm")(canvas)
         z = canvas[:, self.buffer_size:]
-        z = z + layers.learned_positions(self, "diffusion_pos_embed", self.seq_len, self.width).astype(self.dtype)
+        z = z + layers.learned_positions(self, "diffusion_pos_embed", self.seq_len, self.width,
+                                         self.sincos_grid).astype(self.dtype)
         return z

@@ -5,6 +5,7 @@ B/L/H/G are the paper's sizes (encoder depth = decoder depth, same width);
 dimension, vocabulary, context lengths) comes from the data config.
 """
 import dataclasses
+import math
 from typing import Optional
 
 # Parts that are the same at every paper size.
@@ -61,6 +62,8 @@ class DreamArch:
     gen_max_length: int = 128
     remat: bool = False
     scan_layers: bool = False     # nn.scan over blocks (fast compiles at large depth; other param tree)
+    # 'normal' (MAR: N(0, 0.02)) or 'sincos' (image position tables start as 2-D sin-cos).
+    pos_init: str = "normal"
     dtype: str = "float32"        # compute dtype; params stay float32
     diffusion_batch_mul: int = 4
     diffusion_steps: int = 1000
@@ -86,6 +89,10 @@ def make_arch(size: str, overrides: Optional[dict] = None) -> DreamArch:
         raise ValueError(f"model.width={arch.width} is not divisible by num_heads={arch.num_heads}")
     if arch.gen_text not in ("learned", "t5"):
         raise ValueError(f"model.gen_text={arch.gen_text!r} must be 'learned' or 't5'")
+    if arch.pos_init not in ("normal", "sincos"):
+        raise ValueError(f"model.pos_init={arch.pos_init!r} must be 'normal' or 'sincos'")
+    if arch.pos_init == "sincos" and math.isqrt(arch.seq_len) ** 2 != arch.seq_len:
+        raise ValueError(f"model.pos_init='sincos' needs a square token grid, got seq_len={arch.seq_len}")
     if arch.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype={arch.dtype!r} must be 'float32' or 'bfloat16'")
     return arch
