@@ -7,14 +7,15 @@ caption tokenizer is trained in the workdir at start-up. Re-running the same
 command resumes from the last checkpoint.
 
 Measured on this project's 2-core CPU machine (2026-12-05, JAX 0.10.2, the command above,
-1200 steps of batch 64): 11 min 58 s wall, 117 images/s. Held-out results (256 examples,
-EMA weights): zero-shot colour accuracy 0.805, shape accuracy 0.309 (target 0.5: NOT met),
-image→text R@1 0.250 / R@5 0.715, text→image R@1 0.230 / R@5 0.746 among 256, held-out
-generative loss (mask ratio 0.7) 1.678 at step 0 → 0.072 at step 1200.
+1200 steps of batch 64): 11 min 20 s wall, 125 images/s. Held-out results (256 examples,
+EMA weights): zero-shot colour accuracy 0.812, shape accuracy 0.277 (target 0.5: NOT met),
+image→text R@1 0.250 / R@5 0.742, text→image R@1 0.230 / R@5 0.730 among 256, held-out
+generative loss (mask ratio 0.7) 1.678 at step 0 → 0.068 at step 1200.
 The CLIP ablation (tiny_clip.py, same steps) also reaches only shape 0.316: see the README.
-Generation on 256 held-out prompts (16 iterations, ddim25, constant cfg 5): colour match 0.645
-plain, 0.625 with SAD (K=5, threshold 8/16); shape match 0.445 / 0.406; colour+shape 0.207 /
-0.227; own-branch CLIP score 43.9 plain → 52.2 with SAD (real images: 78.9).
+Generation on 256 held-out prompts (16 iterations, ddim25, constant cfg 5; plain / SAD K=5 at
+8 of 16 / best-of-5): colour match 0.793 / 0.758 / 0.797 (largest object: 0.680 / 0.629 /
+0.672); shape match 0.430 / 0.441 / 0.441; own-branch CLIP score 45.7 / 53.6 / 56.1 (real
+images: 76.3). With pos_init='normal' (MAR's start) plain colour match is 0.645.
 """
 import ml_collections
 
