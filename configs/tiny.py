@@ -7,7 +7,7 @@ caption tokenizer is trained in the workdir at start-up. Re-running the same
 command resumes from the last checkpoint.
 
 Measured on this project's 2-core CPU machine (2026-12-05, JAX 0.10.2, the command above,
-1200 steps of batch 64): 11 min 20 s wall, 125 images/s. Held-out results (256 examples,
+1200 steps of batch 64): 11 min 26 s wall (`time`), 118 images/s. Held-out results (256 examples,
 EMA weights): zero-shot colour accuracy 0.812, shape accuracy 0.277 (target 0.5: NOT met),
 image→text R@1 0.250 / R@5 0.742, text→image R@1 0.230 / R@5 0.730 among 256, held-out
 generative loss (mask ratio 0.7) 1.678 at step 0 → 0.068 at step 1200.
