@@ -150,6 +150,8 @@ def test_bad_arguments_name_the_value():
         make_arch("tiny", dict(TINY, pos_init="learned"))
     with pytest.raises(ValueError, match="square token grid, got seq_len=12"):
         make_arch("tiny", dict(TINY, seq_len=12, pos_init="sincos"))
+    with pytest.raises(ValueError, match="width divisible by 4, got width=36"):
+        make_arch("tiny", dict(TINY, width=36, num_heads=4, pos_init="sincos"))
     model, variables = init_tiny()
     params = nn.unbox(variables)
     tokens, _, _ = tiny_inputs()
@@ -177,4 +179,3 @@ def test_sincos_position_init():
         assert not np.any(table[:-16]), name
     _, normal = init_tiny()
     assert np.asarray(nn.unbox(normal)["params"]["encoder"]["pos_embed"]).std() < 0.05
-

@@ -117,7 +117,8 @@ class MARDecoder(nn.Module):
             [jnp.broadcast_to(jnp.arange(self.buffer_size), (batch, self.buffer_size)), slots], axis=1)
         canvas = jnp.broadcast_to(mask_token, (batch, total, self.width))
         canvas = jax.vmap(lambda c, s, v: c.at[s].set(v, mode="drop"))(canvas, slots, x)
-        canvas = canvas + layers.learned_positions(self, "pos_embed", total, self.width, self.sincos_grid).astype(self.dtype)
+        canvas = canvas + layers.learned_positions(self, "pos_embed", total, self.width,
+                                                   self.sincos_grid).astype(self.dtype)
         canvas = layers.layer_norm(1e-6, self.dtype, name="input_norm")(canvas)
         canvas = layers.Stack(self.depth, self.num_heads, self.mlp_dim, cross_attention=True,
                               dropout=self.dropout, remat=self.remat, dtype=self.dtype, scan=self.scan, name="blocks")(

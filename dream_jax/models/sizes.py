@@ -93,6 +93,8 @@ def make_arch(size: str, overrides: Optional[dict] = None) -> DreamArch:
         raise ValueError(f"model.pos_init={arch.pos_init!r} must be 'normal' or 'sincos'")
     if arch.pos_init == "sincos" and math.isqrt(arch.seq_len) ** 2 != arch.seq_len:
         raise ValueError(f"model.pos_init='sincos' needs a square token grid, got seq_len={arch.seq_len}")
+    if arch.pos_init == "sincos" and arch.width % 4:
+        raise ValueError(f"model.pos_init='sincos' needs a width divisible by 4, got width={arch.width}")
     if arch.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype={arch.dtype!r} must be 'float32' or 'bfloat16'")
     return arch
