@@ -71,7 +71,7 @@ class EvalOptions:
     probe_test: int = 1024
     shots: Sequence[int] = (1, 5, 10, 25)
     seeds: Sequence[int] = (0, 1, 2)
-    l2_reg: float = 1.0
+    l2_reg: Optional[float] = None        # few-shot ridge regulariser; None: leave-one-out per support set
     probe_epochs: int = 90
     probe_batch: int = 512
     # lr = base_lr × batch / 256: 3.2 × 512/256 = 6.4, MAE's absolute LARS rate (0.1 × 16384/256)
@@ -102,6 +102,18 @@ class EvalOptions:
     openclip_checkpoint: Optional[str] = None
 
 
+def _parse_l2_reg(text: str) -> Optional[float]:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"l2_reg={text!r} must be a positive number or 'auto'")
+    return value
+
+
 def _validate(opts: EvalOptions):
     unknown = sorted(set(opts.evals) - set(ALL_EVALS))
     if unknown:
@@ -109,6 +121,8 @@ def _validate(opts: EvalOptions):
     unknown = sorted(set(opts.baselines) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINES}")
+    if opts.l2_reg is not None and not opts.l2_reg > 0:
+        raise ValueError(f"l2_reg={opts.l2_reg!r} must be > 0 (or None: leave-one-out)")
     if opts.feature not in suite.FEATURE_KINDS:
         raise ValueError(f"feature={opts.feature!r} must be one of {suite.FEATURE_KINDS}")
     if "clip_score" in opts.evals and opts.openclip_checkpoint:
@@ -445,7 +459,8 @@ def _define_flags():
     F.DEFINE_integer("probe_test", d.probe_test, "Probe test examples.")
     F.DEFINE_list("shots", [str(s) for s in d.shots], "Few-shot k.")
     F.DEFINE_list("seeds", [str(s) for s in d.seeds], "Few-shot seeds.")
-    F.DEFINE_float("l2_reg", d.l2_reg, "Few-shot ridge regulariser.")
+    F.DEFINE_string("l2_reg", "auto", "Few-shot ridge regulariser: a number, or 'auto' (chosen per "
+                    "support set by leave-one-out error).")
     F.DEFINE_integer("probe_epochs", d.probe_epochs, "Linear-probe epochs.")
     F.DEFINE_integer("probe_batch", d.probe_batch, "Linear-probe batch size.")
     F.DEFINE_float("probe_base_lr", d.probe_base_lr, "Linear-probe base lr (x batch / 256).")
@@ -480,7 +495,7 @@ def options_from_flags() -> EvalOptions:
         evals=tuple(FL.evals), use_ema=FL.use_ema, batch_size=FL.batch_size, num_examples=FL.num_examples,
         feature=FL.feature, probe_tasks=tuple(FL.probe_tasks), probe_train=FL.probe_train,
         probe_test=FL.probe_test, shots=tuple(int(s) for s in FL.shots),
-        seeds=tuple(int(s) for s in FL.seeds), l2_reg=FL.l2_reg, probe_epochs=FL.probe_epochs,
+        seeds=tuple(int(s) for s in FL.seeds), l2_reg=_parse_l2_reg(FL.l2_reg), probe_epochs=FL.probe_epochs,
         probe_batch=FL.probe_batch, probe_base_lr=FL.probe_base_lr,
         probe_warmup_epochs=FL.probe_warmup_epochs, probe_optimizer=FL.probe_optimizer,
         probe_tfds=FL.probe_tfds, probe_data_dir=FL.probe_data_dir, baselines=tuple(FL.baselines),

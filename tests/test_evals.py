@@ -334,6 +334,38 @@ def test_few_shot_probe_recovers_labels():
     assert sorted(y[idx].tolist()) == [0, 0, 1, 1, 2]
 
 
+def test_few_shot_regulariser_is_chosen_by_leave_one_out():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 6))
+    y = rng.integers(0, 3, 20)
+    t = -np.ones((20, 3))
+    t[np.arange(20), y] = 1.0
+
+    def brute_press(lam):      # refit without each example in turn
+        err = 0.0
+        for i in range(20):
+            keep = np.arange(20) != i
+            w, b = probes.ridge_fit(x[keep], y[keep], 3, lam)
+            err += np.sum((t[i] - (x[i] @ w + b)) ** 2)
+        return err
+
+    grid = (1e-3, 1e-1, 1.0, 10.0, 100.0)
+    assert probes.loo_l2_reg(x, y, 3, grid) == min(grid, key=brute_press)
+
+    # The class lives in a low-variance direction next to a high-variance nuisance: a fixed
+    # λ = 1 on unit-norm features shrinks it away, the leave-one-out choice keeps it.
+    def data(n, seed):
+        r = np.random.default_rng(seed)
+        lab = r.integers(0, 2, n)
+        feats = np.concatenate([r.normal(size=(n, 8)) * 3.0, (lab[:, None] * 2 - 1) * 0.3
+                                + r.normal(size=(n, 2)) * 0.05], 1)
+        return feats, lab
+    (trx, try_), (tex, tey) = data(400, 1), data(400, 2)
+    fixed = probes.few_shot_eval(trx, try_, tex, tey, 2, shots=(10,), l2_reg=1.0)["10shot"]
+    chosen = probes.few_shot_eval(trx, try_, tex, tey, 2, shots=(10,))["10shot"]
+    assert chosen > 0.95 and fixed < 0.85, (chosen, fixed)
+
+
 def test_linear_probe_recovers_labels():
     trx, try_ = _clusters(1024)
     tex, tey = _clusters(512, seed=1)

@@ -4,7 +4,10 @@ Few-shot (cheap enough for periodic evaluation during training): for each seed,
 draw ``k`` examples per class from a labelled pool, centre them on their own
 mean, L2-normalise, and solve ridge regression onto ±1 one-hot targets in closed
 form (dual form, since ``k·classes`` is tiny); accuracy is the argmax on a test
-set. Mean and std over seeds.
+set. Mean and std over seeds. The ridge regulariser is by default chosen per
+support set by leave-one-out squared error (closed form, over a log grid): a
+fixed one over-shrinks the low-variance directions that carry attributes such
+as size (on the tiny model, 25-shot size 0.52 at λ = 1 vs 0.62 chosen).
 
 Linear probe (MAE protocol): BatchNorm without affine (eps 1e-6) + a linear layer
 (weights trunc-normal std 0.01, zero bias) trained with LARS (momentum 0.9,
@@ -47,6 +50,37 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2_reg: float = 1.
     return w, tm - xm @ w
 
 
+# Leave-one-out candidates for the few-shot ridge regulariser (features are unit-norm).
+L2_REG_GRID: Tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-4.0, 2.01, 0.5))
+# With one shot per class, leaving an example out removes its class: no LOO signal.
+L2_REG_ONE_SHOT = 1.0
+
+
+def loo_l2_reg(x: np.ndarray, y: np.ndarray, num_classes: int,
+               grid: Sequence[float] = L2_REG_GRID) -> float:
+    """The ridge regulariser of ``grid`` with the lowest leave-one-out squared error of
+    ``ridge_fit`` on (x, y), from one eigendecomposition: with the intercept, the hat matrix
+    is 1/n + U diag(s/(s+λ)) Uᵀ (K = Xc Xcᵀ = U diag(s) Uᵀ) and each left-out residual
+    is the in-sample one divided by 1 - H_ii. Ties go to the larger regulariser."""
+    x = np.asarray(x, np.float64)
+    n = len(y)
+    t = -np.ones((n, num_classes))
+    t[np.arange(n), np.asarray(y)] = 1.0
+    xc, tc = x - x.mean(0), t - t.mean(0)
+    s, u = np.linalg.eigh(xc @ xc.T)
+    s = np.maximum(s, 0.0)
+    ut = u.T @ tc
+    best_err, best = np.inf, None
+    for lam in sorted(grid, reverse=True):
+        f = s / (s + lam)
+        leverage = (u * u) @ f + 1.0 / n
+        resid = (tc - u @ (f[:, None] * ut)) / np.maximum(1.0 - leverage, 1e-12)[:, None]
+        err = float(np.mean(resid ** 2))
+        if err < best_err * (1 - 1e-9):
+            best_err, best = err, float(lam)
+    return best
+
+
 def _normalise(x, centre):
     x = np.asarray(x, np.float64) - centre
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -62,12 +96,16 @@ def sample_shots(labels: np.ndarray, shots: int, rng: np.random.Generator,
 
 
 def few_shot_accuracy(train_x, train_y, test_x, test_y, num_classes: int, shots: int, seed: int,
-                      l2_reg: float = 1.0) -> float:
-    """One few-shot run: sample, normalise on the support set's mean, fit, score."""
+                      l2_reg: Optional[float] = None) -> float:
+    """One few-shot run: sample, normalise on the support set's mean, fit, score.
+    ``l2_reg`` None: chosen on the support set by ``loo_l2_reg`` (L2_REG_ONE_SHOT for 1 shot)."""
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     idx = sample_shots(train_y, shots, np.random.default_rng(seed), range(num_classes))
     centre = np.asarray(train_x, np.float64)[idx].mean(0)
-    w, b = ridge_fit(_normalise(np.asarray(train_x)[idx], centre), train_y[idx], num_classes, l2_reg)
+    support = _normalise(np.asarray(train_x)[idx], centre)
+    if l2_reg is None:
+        l2_reg = loo_l2_reg(support, train_y[idx], num_classes) if shots > 1 else L2_REG_ONE_SHOT
+    w, b = ridge_fit(support, train_y[idx], num_classes, l2_reg)
     keep = test_y >= 0
     pred = (_normalise(np.asarray(test_x)[keep], centre) @ w + b).argmax(1)
     return float((pred == test_y[keep]).mean())
@@ -75,8 +113,9 @@ def few_shot_accuracy(train_x, train_y, test_x, test_y, num_classes: int, shots:
 
 def few_shot_eval(train_x, train_y, test_x, test_y, num_classes: int,
                   shots: Sequence[int] = (1, 5, 10, 25), seeds: Sequence[int] = (0, 1, 2),
-                  l2_reg: float = 1.0) -> Dict[str, float]:
-    """{'{k}shot': mean accuracy, '{k}shot_std': std over seeds} for each k."""
+                  l2_reg: Optional[float] = None) -> Dict[str, float]:
+    """{'{k}shot': mean accuracy, '{k}shot_std': std over seeds} for each k
+    (``l2_reg`` None: leave-one-out choice per support set, see few_shot_accuracy)."""
     out = {}
     for k in shots:
         accs = [few_shot_accuracy(train_x, train_y, test_x, test_y, num_classes, k, s, l2_reg)

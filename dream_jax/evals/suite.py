@@ -151,7 +151,7 @@ def eval_zero_shot(enc: ModelEncoders, images, labels: Mapping[str, np.ndarray],
 # 2-3. Few-shot and linear probes.
 # =============================================================================================
 def eval_few_shot(train_feats, train_set, test_feats, test_set, shots=(1, 5, 10, 25),
-                  seeds=(0, 1, 2), l2_reg: float = 1.0, prefix: str = "few_shot",
+                  seeds=(0, 1, 2), l2_reg: Optional[float] = None, prefix: str = "few_shot",
                   suffix: str = "") -> Dict[str, float]:
     out = {}
     for task, n_cls in train_set["num_classes"].items():
@@ -178,7 +178,7 @@ def buffer_features_fn(model: DreamModel):
 
 
 def heldout_few_shot(features, labels: Mapping[str, np.ndarray], tasks=("colour", "shape"),
-                     shots=(1, 5, 10), seeds=(0, 1, 2), l2_reg: float = 1.0) -> Dict[str, float]:
+                     shots=(1, 5, 10), seeds=(0, 1, 2), l2_reg: Optional[float] = None) -> Dict[str, float]:
     """Few-shot accuracy from ONE labelled set (e.g. the trainer's held-out batch): the first
     half is the support pool, the second half the test set. Cheap (closed form): meant for
     periodic evaluation during training."""
