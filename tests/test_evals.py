@@ -514,6 +514,12 @@ def test_clear_errors():
         evaluate._validate(evaluate.EvalOptions(evals=("fid_score",)))
     with pytest.raises(FileNotFoundError, match="inception_weights"):
         evaluate.resolve_inception_weights("/nonexistent/inception.pth")
+    assert evaluate._parse_l2_reg("auto") is None and evaluate._parse_l2_reg("0.1") == 0.1
+    for bad in ("-1", "0", "lots"):
+        with pytest.raises(ValueError, match="l2_reg"):
+            evaluate._parse_l2_reg(bad)
+    with pytest.raises(ValueError, match="l2_reg"):
+        evaluate._validate(evaluate.EvalOptions(l2_reg=0.0))
 
 
 def test_cli_probe_report_against_baselines(tiny_workdir, capsys):
