@@ -179,3 +179,24 @@ def test_sincos_position_init():
         assert not np.any(table[:-16]), name
     _, normal = init_tiny()
     assert np.asarray(nn.unbox(normal)["params"]["encoder"]["pos_embed"]).std() < 0.05
+
+
+def test_dropout_keeps_the_right_fraction_with_independent_halves():
+    from dream_jax.models.layers import Dropout
+    x = jnp.ones((256, 257))            # odd last axis: the 16-bit halves do not pair up evenly
+    drop = Dropout(0.25)
+    assert drop.apply({}, x, deterministic=True) is x
+    y = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], 4.0 / 3.0, rtol=1e-6)      # inverted scaling, exact rate
+    assert abs(kept.mean() - 0.75) < 0.01                           # ± 6 standard deviations
+    # The low and high halves of one draw land in columns j and j + 129: they must not agree
+    # more than chance (a shared bit pattern would show as correlation).
+    lo, hi = kept[:, :128].astype(float), kept[:, 129:257].astype(float)
+    assert abs(np.corrcoef(lo.ravel(), hi.ravel())[0, 1]) < 0.03
+    # Column means stay at 0.75 in both halves (no half is biased).
+    assert abs(lo.mean() - 0.75) < 0.015 and abs(hi.mean() - 0.75) < 0.015
+    other = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}))
+    assert (other != y).any()
+    np.testing.assert_array_equal(Dropout(1.0).apply({}, x, deterministic=False,
+                                                     rngs={"dropout": jax.random.key(0)}), 0.0)
