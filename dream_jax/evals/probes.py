@@ -32,13 +32,19 @@ import optax
 # =============================================================================================
 # Few-shot ridge probe.
 # =============================================================================================
+def _pm_one_hot(y, num_classes: int) -> np.ndarray:
+    """±1 one-hot regression targets [n, C] (float64)."""
+    t = -np.ones((len(y), num_classes))
+    t[np.arange(len(y)), np.asarray(y)] = 1.0
+    return t
+
+
 def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2_reg: float = 1.0):
     """Closed-form ridge regression of ±1 one-hot targets on x [n, d] (float64).
 
     Returns (weights [d, C], bias [C]). Uses the dual form when n < d."""
     x = np.asarray(x, np.float64)
-    t = -np.ones((len(y), num_classes))
-    t[np.arange(len(y)), np.asarray(y)] = 1.0
+    t = _pm_one_hot(y, num_classes)
     xm, tm = x.mean(0), t.mean(0)
     xc, tc = x - xm, t - tm
     n, d = xc.shape
@@ -64,8 +70,7 @@ def loo_l2_reg(x: np.ndarray, y: np.ndarray, num_classes: int,
     is the in-sample one divided by 1 - H_ii. Ties go to the larger regulariser."""
     x = np.asarray(x, np.float64)
     n = len(y)
-    t = -np.ones((n, num_classes))
-    t[np.arange(n), np.asarray(y)] = 1.0
+    t = _pm_one_hot(y, num_classes)
     xc, tc = x - x.mean(0), t - t.mean(0)
     s, u = np.linalg.eigh(xc @ xc.T)
     s = np.maximum(s, 0.0)

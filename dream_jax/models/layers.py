@@ -111,12 +111,11 @@ def _xavier_out(key, shape, dtype=jnp.float32):
 class Dropout(nn.Module):
     """Inverted dropout that draws 16 random bits per element instead of nn.Dropout's 32.
 
-    Each 32-bit draw is split into two 16-bit halves along the last axis, so the random-bit
-    generator (threefry: a few dozen integer ops per 32 bits) runs for half the elements.
-    At the paper sizes dropout 0.1 masks attention probabilities and MLP activations of every
-    block, and on CPU those bits cost about as much as the attention matmuls
-    (benchmarks/train_bench.py). The drop rate is rounded to a multiple of 2^-16
-    (0.1 → 0.09999), which no training run can tell apart.
+    Each 32-bit draw gives two neighbours on the last axis their 16 bits, so the random-bit
+    generator (threefry: a few dozen integer ops per 32 bits) runs for half the elements. The
+    paper sizes drop 0.1 of the attention probabilities and MLP activations in every block;
+    on CPU this cut the element-wise time of a size-B train step by 15 % (README). The rate is
+    rounded to a multiple of 2^-16 (0.1 → 0.100006).
     """
 
     rate: float
@@ -132,7 +131,10 @@ class Dropout(nn.Module):
             return jnp.zeros_like(x)
         last = x.shape[-1]
         bits = jax.random.bits(self.make_rng("dropout"), x.shape[:-1] + (-(-last // 2),), jnp.uint32)
-        halves = jnp.concatenate([bits & 0xFFFF, bits >> 16], axis=-1)[..., :last]
+        # Interleaved (element 2j takes draw j's low half, 2j + 1 its high half), not
+        # concatenated, so a last axis sharded over devices keeps each shard's bits local.
+        halves = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(
+            x.shape[:-1] + (2 * bits.shape[-1],))[..., :last]
         keep = halves >= drop
         scale = jnp.asarray(65536.0 / (65536 - drop), x.dtype)
         return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
