@@ -6,10 +6,13 @@ No downloads: images (32×32) and captions are generated from their index, the
 caption tokenizer is trained in the workdir at start-up. Re-running the same
 command resumes from the last checkpoint.
 
-Measured on this project's 2-core CPU machine (2026-12-05, JAX 0.10.2, the command above,
-1200 steps of batch 64): 11 min 26 s wall (`time`), 118 images/s. Held-out results (256 examples,
-EMA weights): zero-shot colour accuracy 0.812, shape accuracy 0.277 (target 0.5: NOT met),
-image→text R@1 0.250 / R@5 0.742, text→image R@1 0.230 / R@5 0.730 among 256, held-out
+Measured with JAX 0.10.2, the command above, 1200 steps of batch 64, on the two kinds of 2-core
+machine this project has run on: 11 min 26 s wall (`time`, 118 images/s; session 3) and, on an
+AMD EPYC whose f32 matmul peak is half the other's, 17 min 46 s (76 images/s; session 5: over the
+15-minute target there), with the same zero-shot, retrieval and generative-loss numbers to every
+digit shown below. Held-out results (256 examples, EMA weights): zero-shot colour accuracy
+0.812, shape accuracy 0.277 (target 0.5: NOT met), image→text R@1 0.250 / R@5 0.742,
+text→image R@1 0.230 / R@5 0.730 among 256, held-out
 generative loss (mask ratio 0.7) 1.678 at step 0 → 0.068 at step 1200.
 The CLIP ablation (tiny_clip.py, same steps) also reaches only shape 0.316: see the README.
 Generation on 256 held-out prompts (16 iterations, ddim25, constant cfg 5; plain / SAD K=5 at
