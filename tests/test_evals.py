@@ -123,8 +123,11 @@ def test_fid_matches_numpy_reference_on_small_dims(d):
     # (The full path takes square roots of rounding-level eigenvalues of the rank-deficient
     # product, hence the looser tolerance; the n×n path avoids them.)
     assert ref.fid_to_features(x) == pytest.approx(full, rel=1e-6)
+    # Same formula; the statistics differ only in summation order (fid.statistics against the
+    # streaming GaussianStats), which the cancelling traces amplify: 2e-9 relative on an AMD
+    # EPYC (session 5), below 1e-12 on the other machine kind.
     assert fid.frechet_distance(mu1, s1, mu2, s2, sqrt_sigma1=ref.sqrt_sigma,
-                                centred2=x - mu2) == pytest.approx(ref.fid_to_features(x), rel=1e-12)
+                                centred2=x - mu2) == pytest.approx(ref.fid_to_features(x), rel=1e-8)
     try:
         import scipy.linalg
     except ImportError:
