@@ -183,7 +183,7 @@ def test_sincos_position_init():
 
 def test_dropout_keeps_the_right_fraction_with_independent_halves():
     from dream_jax.models.layers import Dropout
-    x = jnp.ones((256, 257))            # odd last axis: the 16-bit halves do not pair up evenly
+    x = jnp.ones((256, 257))            # odd last axis: the last draw's high half goes unused
     drop = Dropout(0.25)
     assert drop.apply({}, x, deterministic=True) is x
     y = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
@@ -213,4 +213,3 @@ def test_dropout_on_a_sharded_last_axis_needs_no_communication():
     hlo = fn.lower(x, jax.random.key(0)).compile().as_text()
     for collective in ("all-to-all", "collective-permute", "all-gather", "all-reduce"):
         assert collective not in hlo, collective
-
