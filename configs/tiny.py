@@ -11,7 +11,8 @@ machine this project has run on: 11 min 26 s wall (`time`, 118 images/s; session
 AMD EPYC whose f32 matmul peak is half the other's, 17 min 46 s (76 images/s; session 5: over the
 15-minute target there), with the same zero-shot, retrieval and generative-loss numbers to every
 digit shown below. Held-out results (256 examples, EMA weights): zero-shot colour accuracy
-0.812, shape accuracy 0.277 (target 0.5: NOT met), image→text R@1 0.250 / R@5 0.742,
+0.812, shape accuracy 0.277 (target 0.5: NOT met; on the single-object images colour 1.000,
+shape 0.321), image→text R@1 0.250 / R@5 0.742,
 text→image R@1 0.230 / R@5 0.730 among 256, held-out
 generative loss (mask ratio 0.7) 1.678 at step 0 → 0.068 at step 1200.
 The CLIP ablation (tiny_clip.py, same steps) also reaches only shape 0.316: see the README.

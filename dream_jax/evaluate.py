@@ -345,8 +345,9 @@ class WorkdirEvaluator:
             if d is None:
                 return {}
             held = d["labels"]["heldout_combo"].astype(bool)
+            single = np.asarray(d["labels"]["num_objects"]) == 1
             return suite.eval_zero_shot(self.enc, d["image"], d["labels"],
-                                        subsets={"heldout_combos": held})
+                                        subsets={"heldout_combos": held, "single_object": single})
 
         def few_shot():
             train, test = self._probe_sets()

@@ -396,8 +396,16 @@ class Evaluator:
                 for attribute, prompt_tokens in self.prompts.items():
                     cls = zero_shot.class_embeddings(
                         [np.asarray(self._text_embed(variables, p)) for p in prompt_tokens])
+                    labels = self.data["labels"]
                     results[f"eval/zero_shot_{attribute}_acc"] = zero_shot.zero_shot_accuracy(
-                        img, cls, self.data["labels"][attribute])
+                        img, cls, labels[attribute])
+                    # On two-object images the label names only the first object, so even a
+                    # perfect model is right about half the time there; single-object images
+                    # give the unambiguous number.
+                    single = np.asarray(labels["num_objects"]) == 1
+                    if single.any():
+                        results[f"eval/zero_shot_{attribute}_acc_single"] = zero_shot.zero_shot_accuracy(
+                            img[single], cls, np.asarray(labels[attribute])[single])
             if self.model.gen_weight:
                 losses = self._batched(self._gen_loss, variables, self.tokens, self.data["gen_tokens"])
                 results["eval/gen_loss"] = float(np.mean([float(x) for x in losses]))

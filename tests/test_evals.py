@@ -445,7 +445,7 @@ def test_every_evaluator_on_tiny_workdir(tiny_workdir):
     assert list(results) == [3]
     r = results[3]
     for key in ("retrieval/i2t_R@1", "retrieval/t2i_R@5", "zero_shot/colour", "zero_shot/shape",
-                "few_shot/colour/5shot", "few_shot/colour/5shot/pixels", "linear_probe/count",
+                "zero_shot/shape/single_object", "few_shot/colour/5shot", "few_shot/colour/5shot/pixels", "linear_probe/count",
                 "linear_probe/count/pixels", "fid/plain/random_inception/75px",
                 "fid/sad/random_inception/75px", "clip_score/plain", "clip_score/sad", "clip_score/real",
                 "compositional/plain/all/colour+shape", "compositional/sad/all/colour",
@@ -476,6 +476,27 @@ def test_every_evaluator_on_tiny_workdir(tiny_workdir):
     hook = np.asarray(suite.buffer_features_fn(ev.generator.model)(ev.generator.variables, tokens))
     np.testing.assert_allclose(hook, ev.enc.features(images, "buffer"), rtol=1e-5, atol=1e-5)
     assert hook.shape == (8, ev.generator.model.arch.width) and hook.std() > 0
+
+    # Training's periodic evaluation reports the same retrieval and zero-shot numbers for this
+    # checkpoint (same held-out examples, same model methods, same batch size).
+    from dream_jax import train
+
+    cfg = ev.cfg.copy_and_resolve_references()
+    cfg.eval.num_examples, cfg.eval.batch_size, cfg.eval.num_samples = (
+        opts.num_examples, opts.batch_size, 0)
+    g = ev.generator
+    periodic = train.Evaluator(cfg, g.model, g.text_tokenizer, g.image_tokenizer, g.mesh)
+    ema = types.SimpleNamespace(ema_params=g.variables["params"], params=None,
+                                batch_stats=g.variables["batch_stats"])
+    p = periodic(ema)
+    labels = ev._heldout(opts.num_examples)["labels"]
+    assert 0 < (labels["num_objects"] == 1).sum() < opts.num_examples   # both kinds of image
+    pairs = {"eval/i2t_R@1": "retrieval/i2t_R@1", "eval/t2i_R@5": "retrieval/t2i_R@5",
+             "eval/zero_shot_colour_acc": "zero_shot/colour", "eval/zero_shot_shape_acc": "zero_shot/shape",
+             "eval/zero_shot_colour_acc_single": "zero_shot/colour/single_object",
+             "eval/zero_shot_shape_acc_single": "zero_shot/shape/single_object"}
+    for mine, theirs in pairs.items():
+        assert p[mine] == pytest.approx(r[theirs], abs=1e-9), (mine, p[mine], r[theirs])
 
 
 def test_generated_image_evaluators_with_real_images_and_all_checkpoints(tiny_workdir):
