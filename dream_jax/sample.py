@@ -1,7 +1,7 @@
 """Generation entry point: text prompts → PNG images, a grid and a JSON record.
 
     python -m dream_jax.sample --workdir=workdirs/tiny --prompt="a red circle" \
-        --prompt="two blue squares" --num_images=4 --cfg=3.0 --mode=sad --out=samples/
+        --prompt="two blue squares" --num_images=4 --cfg=3.0 --sad_candidates=5 --out=samples/
 
 Writes ``OUT/p{prompt:03d}_i{image:02d}.png`` for every image, ``OUT/grid.png``
 (one row per prompt) and ``OUT/samples.json`` (prompts, seed, settings, every
@@ -35,7 +35,9 @@ def define_flags(flag_values=None):
     flags.DEFINE_string("sad_step", None,
                         "SAD threshold: iterations (int, e.g. 32) or fraction decoded (float, e.g. 0.125); "
                         "default num_iter // 2.", **kw)
-    flags.DEFINE_enum("mode", "plain", ["plain", "sad", "greedy", "best_of_k"], "Decoding mode.", **kw)
+    flags.DEFINE_enum("mode", None, ["plain", "sad", "greedy", "best_of_k"],
+                      "Decoding mode (default: sad when --sad_candidates or --sad_step is given, "
+                      "else plain).", **kw)
     flags.DEFINE_integer("seed", 0, "Random seed.", **kw)
     flags.DEFINE_integer("batch_size", 16, "Image rows per compiled call.", **kw)
     flags.DEFINE_string("out", None, "Output directory.", **kw)
@@ -52,6 +54,20 @@ def _parse_sad_step(text):
         return None
     text = text.strip()
     return int(text) if text.isdigit() else float(text)
+
+
+def resolve_mode(fv) -> str:
+    """The decoding mode: --mode when given; otherwise giving --sad_candidates or --sad_step asks
+    for SAD. Asking for plain decoding together with SAD settings is a usage error, not a silent
+    plain run."""
+    sad_given = [f"--{n}" for n in ("sad_candidates", "sad_step") if fv[n].present]
+    if fv.mode is None:
+        return "sad" if sad_given else "plain"
+    if fv.mode == "plain" and sad_given:
+        verb = "applies" if len(sad_given) == 1 else "apply"
+        raise app.UsageError(f"{' and '.join(sad_given)} {verb} to --mode=sad, greedy or best_of_k, "
+                             f"not to --mode=plain")
+    return fv.mode
 
 
 def read_prompts(prompts, prompts_file):
@@ -115,15 +131,16 @@ def run(fv) -> str:
     for name in ("workdir", "out"):
         if not fv[name].value:
             raise app.UsageError(f"--{name} is required")
+    mode = resolve_mode(fv)
     prompts = read_prompts(fv.prompt, fv.prompts_file)
     generator = Generator.from_workdir(fv.workdir, step=fv.step, use_ema=fv.use_ema)
     print(f"loaded {generator.info['workdir']} step {generator.info['step']} "
           f"({'EMA' if fv.use_ema else 'raw'} weights); {len(prompts)} prompt(s) × {fv.num_images}, "
-          f"mode {fv.mode}", flush=True)
+          f"mode {mode}", flush=True)
     result = generator.generate(
         prompts, num_images_per_prompt=fv.num_images, cfg=fv.cfg, temperature=fv.temperature,
         num_iter=fv.num_iter, diffusion_steps=_parse_steps(fv.diffusion_steps),
-        sad_candidates=fv.sad_candidates, sad_step=_parse_sad_step(fv.sad_step), mode=fv.mode,
+        sad_candidates=fv.sad_candidates, sad_step=_parse_sad_step(fv.sad_step), mode=mode,
         seed=fv.seed, cfg_schedule=fv.cfg_schedule, batch_size=fv.batch_size,
         progress=lambda line: print(line, flush=True))
     path = write_outputs(result, prompts, fv.out, fv.seed)

@@ -387,7 +387,7 @@ def test_cli_writes_pngs_grid_and_json(workdir, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("two blue squares\n\n")
     argv = ["sample", f"--workdir={workdir}", "--prompt=a red circle", f"--prompts_file={prompts_file}",
-            "--num_images=2", "--num_iter=4", "--diffusion_steps=ddim5", "--cfg=2.0", "--mode=sad",
+            "--num_images=2", "--num_iter=4", "--diffusion_steps=ddim5", "--cfg=2.0",
             "--sad_candidates=2", "--sad_step=0.5", "--seed=5", f"--out={out}"]
     fv = sample.define_flags(flags.FlagValues())  # not absl's global FLAGS: no clashes
     fv(argv)
@@ -404,3 +404,22 @@ def test_cli_writes_pngs_grid_and_json(workdir, tmp_path):
     for image in record["images"]:
         assert len(image["scores"]) == 2 and image["chosen"] == int(np.argmax(image["scores"]))
     assert record["timings"]["total_s"] > 0
+
+
+@pytest.mark.parametrize("args,want", [([], "plain"), (["--sad_step=32"], "sad"), (["--sad_candidates=5"], "sad"),
+                                       (["--mode=best_of_k", "--sad_candidates=3"], "best_of_k"),
+                                       (["--mode=plain"], "plain"), (["--mode=plain", "--sad_step=32"], None)])
+def test_cli_mode_follows_the_sad_flags(args, want):
+    """SAD settings on the command line ask for SAD; with an explicit --mode=plain they are an error
+    (before anything loads), not silently ignored."""
+    from absl import app, flags
+
+    from dream_jax import sample
+
+    fv = sample.define_flags(flags.FlagValues())
+    fv(["sample"] + args)
+    if want is None:
+        with pytest.raises(app.UsageError, match="--sad_step applies to --mode=sad"):
+            sample.resolve_mode(fv)
+    else:
+        assert sample.resolve_mode(fv) == want
