@@ -445,8 +445,8 @@ def test_every_evaluator_on_tiny_workdir(tiny_workdir):
     assert list(results) == [3]
     r = results[3]
     for key in ("retrieval/i2t_R@1", "retrieval/t2i_R@5", "zero_shot/colour", "zero_shot/shape",
-                "zero_shot/shape/single_object", "few_shot/colour/5shot", "few_shot/colour/5shot/pixels", "linear_probe/count",
-                "linear_probe/count/pixels", "fid/plain/random_inception/75px",
+                "zero_shot/shape/single_object", "few_shot/colour/5shot", "few_shot/colour/5shot/pixels",
+                "linear_probe/count", "linear_probe/count/pixels", "fid/plain/random_inception/75px",
                 "fid/sad/random_inception/75px", "clip_score/plain", "clip_score/sad", "clip_score/real",
                 "compositional/plain/all/colour+shape", "compositional/sad/all/colour",
                 "compositional/real/all/shape"):

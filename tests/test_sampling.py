@@ -406,9 +406,10 @@ def test_cli_writes_pngs_grid_and_json(workdir, tmp_path):
     assert record["timings"]["total_s"] > 0
 
 
-@pytest.mark.parametrize("args,want", [([], "plain"), (["--sad_step=32"], "sad"), (["--sad_candidates=5"], "sad"),
-                                       (["--mode=best_of_k", "--sad_candidates=3"], "best_of_k"),
-                                       (["--mode=plain"], "plain"), (["--mode=plain", "--sad_step=32"], None)])
+@pytest.mark.parametrize("args,want", [
+    ([], "plain"), (["--sad_step=32"], "sad"), (["--sad_candidates=5"], "sad"),
+    (["--mode=best_of_k", "--sad_candidates=3"], "best_of_k"), (["--mode=plain"], "plain"),
+    (["--mode=plain", "--sad_step=32"], None)])
 def test_cli_mode_follows_the_sad_flags(args, want):
     """SAD settings on the command line ask for SAD; with an explicit --mode=plain they are an error
     (before anything loads), not silently ignored."""
