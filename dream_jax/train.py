@@ -344,6 +344,11 @@ class Evaluator:
             self.data = pipeline.heldout_examples(cfg, text_tokenizer, cfg.eval.num_examples)
             self.tokens = np.asarray(image_tokenizer.encode(jnp.asarray(self.data["image"])))
         self.prompts = {}
+        if "labels" in self.data:
+            # On two-object images the label names only the first object, so even a perfect
+            # model is right about half the time there; single-object images give the
+            # unambiguous zero-shot number.
+            self.single_object = np.asarray(self.data["labels"]["num_objects"]) == 1
         for attribute in (("colour", "shape") if "labels" in self.data else ()):  # synthetic-world attributes
             per_class = synthetic.zero_shot_prompts(attribute)
             self.prompts[attribute] = [text_tokenizer.encode_batch(p, cfg.data.clip_context)
@@ -396,16 +401,11 @@ class Evaluator:
                 for attribute, prompt_tokens in self.prompts.items():
                     cls = zero_shot.class_embeddings(
                         [np.asarray(self._text_embed(variables, p)) for p in prompt_tokens])
-                    labels = self.data["labels"]
-                    results[f"eval/zero_shot_{attribute}_acc"] = zero_shot.zero_shot_accuracy(
-                        img, cls, labels[attribute])
-                    # On two-object images the label names only the first object, so even a
-                    # perfect model is right about half the time there; single-object images
-                    # give the unambiguous number.
-                    single = np.asarray(labels["num_objects"]) == 1
+                    labels, single = np.asarray(self.data["labels"][attribute]), self.single_object
+                    results[f"eval/zero_shot_{attribute}_acc"] = zero_shot.zero_shot_accuracy(img, cls, labels)
                     if single.any():
                         results[f"eval/zero_shot_{attribute}_acc_single"] = zero_shot.zero_shot_accuracy(
-                            img[single], cls, np.asarray(labels[attribute])[single])
+                            img[single], cls, labels[single])
             if self.model.gen_weight:
                 losses = self._batched(self._gen_loss, variables, self.tokens, self.data["gen_tokens"])
                 results["eval/gen_loss"] = float(np.mean([float(x) for x in losses]))
