@@ -45,7 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dream_jax.data import pipeline
+from dream_jax.data import pipeline, synthetic
 from dream_jax.evals import datasets, fid as fid_lib, inception, probes, report, suite
 
 ALL_EVALS = ("retrieval", "zero_shot", "few_shot", "linear_probe", "fid", "clip_score", "compositional")
@@ -345,9 +345,8 @@ class WorkdirEvaluator:
             if d is None:
                 return {}
             held = d["labels"]["heldout_combo"].astype(bool)
-            single = np.asarray(d["labels"]["num_objects"]) == 1
-            return suite.eval_zero_shot(self.enc, d["image"], d["labels"],
-                                        subsets={"heldout_combos": held, "single_object": single})
+            return suite.eval_zero_shot(self.enc, d["image"], d["labels"], subsets={
+                "heldout_combos": held, "single_object": synthetic.single_object(d["labels"])})
 
         def few_shot():
             train, test = self._probe_sets()

@@ -345,10 +345,7 @@ class Evaluator:
             self.tokens = np.asarray(image_tokenizer.encode(jnp.asarray(self.data["image"])))
         self.prompts = {}
         if "labels" in self.data:
-            # On two-object images the label names only the first object, so even a perfect
-            # model is right about half the time there; single-object images give the
-            # unambiguous zero-shot number.
-            self.single_object = np.asarray(self.data["labels"]["num_objects"]) == 1
+            self.single_object = synthetic.single_object(self.data["labels"])
         for attribute in (("colour", "shape") if "labels" in self.data else ()):  # synthetic-world attributes
             per_class = synthetic.zero_shot_prompts(attribute)
             self.prompts[attribute] = [text_tokenizer.encode_batch(p, cfg.data.clip_context)

@@ -519,6 +519,12 @@ _ZS_CLASSES = {
 ZERO_SHOT_ATTRIBUTES: Tuple[str, ...] = tuple(_ZS_TEMPLATES)
 
 
+def single_object(labels) -> np.ndarray:
+    """Bool mask of the examples with one object. A two-object example's attribute labels name
+    only its first object, so single-object examples give the unambiguous per-attribute score."""
+    return np.asarray(labels["num_objects"]) == 1
+
+
 def zero_shot_prompts(attribute: str, synonyms: bool = True) -> List[List[str]]:
     """Per class of ``attribute`` (colour, shape, size, background; class order
     as in COLOURS/SHAPES/SIZES/BACKGROUNDS) a list of prompt strings whose text
